@@ -1,0 +1,1 @@
+"""The `leank` command: thin typer commands over the library."""

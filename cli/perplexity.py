@@ -1,0 +1,65 @@
+"""`leank perplexity`: how well MODEL predicts a text file, llama.cpp's way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from leank.cli.app import app
+from leank.cli.common import (DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, RatioOpt,
+                              RecentOpt, SinkOpt, VBitsOpt, err, load_model, out, policy_from_options, print_json)
+
+
+@app.command()
+def perplexity(
+    model: ModelArg = None,
+    file: Annotated[Path, typer.Option("--file", "-f", help="UTF-8 text file to score.", show_default=False)] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=2, help="Score the first N tokens of the file.")] = 512,
+    decode: Annotated[bool, typer.Option("--decode", help="Feed tokens one at a time through the decode path after a "
+                                         "short prefill, so that a compressed cache is exercised.")] = False,
+    prefix: Annotated[int, typer.Option("--prefix", min=1, help="Tokens prefilled before --decode starts.")] = 64,
+    json_out: JsonOpt = False,
+    kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
+    group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+):
+    """Perplexity of MODEL on the first --ctx tokens of --file.
+
+    The tokens start with BOS when the file asks for one, as llama.cpp does; every token after the first
+    is scored. Prefill alone never touches the compressed part of the cache: use --decode to measure
+    what compression costs.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from leank.errors import LeankError
+
+    if file is None:
+        raise LeankError("no text to score: pass --file FILE")
+    if not file.is_file():
+        raise LeankError(f"{file}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LeankError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    m = load_model(model, device, dtype, quiet=json_out)
+    policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    ids = m.tokenize(text)[:ctx]
+    if len(ids) < 2:
+        raise LeankError(f"{file}: fewer than 2 tokens to score")
+    if len(ids) < ctx and not json_out:
+        err.print(f"[yellow]{file} has only {len(ids)} tokens; scoring all of them[/]")
+    show = not json_out and err.is_terminal
+    with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not show) as bar:
+        task = bar.add_task("ppl", total=len(ids) - 1)
+        result = m.perplexity(ids, decode_from=prefix if decode else None, policy=policy,
+                              progress=lambda done, total: bar.update(task, completed=done))
+    result.update({"model": str(m.path), "file": str(file), "mode": "decode" if decode else "prefill",
+                   "policy": policy.as_dict()})
+    if json_out:
+        print_json(result)
+    else:
+        out.print(f"perplexity {result['perplexity']:.4f} over {result['scored']} tokens "
+                  f"({result['mode']}, KV cache: {policy.describe()})")

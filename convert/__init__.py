@@ -1,0 +1,1 @@
+"""Writes GGUF files: embeds masks and cache settings as `leank.*` metadata."""

@@ -1,0 +1,1 @@
+"""KIVI quantization and compressed-cache attention: torch references everywhere, TileLang on CUDA."""

@@ -1,0 +1,1 @@
+"""Makes, imports, learns and reads channel masks."""

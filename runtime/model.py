@@ -1,0 +1,199 @@
+"""A Llama-family transformer in plain torch, loaded from a GGUF file.
+
+One class per block, the hot path visible: embed -> (RMSNorm, attention through the KV cache, RMSNorm,
+SwiGLU) x n_layers -> RMSNorm -> logits. The cache decides how past keys and values are stored and
+attended (`leank.runtime.cache`); this file never looks inside it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leank.errors import LeankError
+from leank.runtime.config import ModelArgs
+from leank.runtime.gguf_file import GGUFFile
+from leank.runtime.linear import Linear, make_linear, storage_mode
+from leank.runtime.rope import Rope, apply_rope
+
+# Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
+FFN_CHUNK_TOKENS = 2048
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # llama.cpp normalizes in float32 whatever the weight type
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.args, self.layer = args, layer
+        self.q_size = args.n_heads * args.head_dim
+        self.kv_size = args.n_kv_heads * args.head_dim
+        self.wqkv: Linear | None = None  # fused (q | k | v) rows (and biases), set by the loader
+        self.wo: Linear | None = None
+        self.q_norm: torch.Tensor | None = None
+        self.k_norm: torch.Tensor | None = None
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Project and rotate: q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
+        a = self.args
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, a.norm_eps)
+            k = rms_norm(k, self.k_norm, a.norm_eps)
+        q = apply_rope(q, cos, sin, a.rope_mode)
+        k = apply_rope(k, cos, sin, a.rope_mode)
+        return q, k, v.contiguous()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        cache.append(self.layer, k, v)
+        out = cache.attend(self.layer, q)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.w_gate_up: Linear | None = None  # fused (gate | up) rows
+        self.w_down: Linear | None = None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        if T <= FFN_CHUNK_TOKENS:
+            return self._forward(x)
+        return torch.cat([self._forward(x[:, i : i + FFN_CHUNK_TOKENS]) for i in range(0, T, FFN_CHUNK_TOKENS)], 1)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.eps = args.norm_eps
+        self.attention = Attention(args, layer)
+        self.feed_forward = FeedForward(args)
+        self.attn_norm = torch.empty(0)
+        self.ffn_norm = torch.empty(0)
+
+    def forward(self, x, cos, sin, cache):
+        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache)
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.args, self.device, self.dtype = args, device, dtype
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.tok_embeddings = torch.empty(0)  # (vocab, dim) lookup table, compute dtype or float16
+        self.norm = torch.empty(0)
+        self.output: Linear | None = None
+        self.rope: Rope | None = None
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.tok_embeddings).to(self.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache, logits_for: str = "last") -> torch.Tensor:
+        """Run `tokens` (B, T) after what `cache` holds; returns logits (B, T or 1, vocab) in float32.
+
+        `logits_for`: "last" (the next-token distribution only), "all" (one row per position) or
+        "none" (hidden states after the final norm, (B, T, dim), for training and calibration).
+        """
+        B, T = tokens.shape
+        start = cache.seq_len
+        cos, sin = self.rope.tables(start, T)
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if logits_for == "last":
+            x = x[:, -1:]
+        x = rms_norm(x, self.norm, self.args.norm_eps)
+        if logits_for == "none":
+            return x
+        return self.output(x).float()
+
+
+def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                     weights: str = "auto", progress=None) -> Transformer:
+    """Dequantize every weight of `f` into a `Transformer` on `device` in `dtype`.
+
+    `weights` chooses how matrices are stored on a float32 CPU (see `leank.runtime.linear`)."""
+    model = Transformer(args, device, dtype)
+
+    def w(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = f.load(name, dtype, device)
+        if tuple(t.shape) != shape:
+            raise LeankError(f"{f.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if progress is not None:
+            progress()
+        return t
+
+    def linear(names: list[str], shapes: list[tuple[int, ...]], bias_names: list[str] | None = None) -> Linear:
+        mode = storage_mode(weights, f.tensor_type_name(names[0]), device, dtype)
+        weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
+        bias = None
+        if bias_names:
+            bias = torch.cat([w(n, (s[0],)) for n, s in zip(bias_names, shapes)])
+        return make_linear(weight, bias, mode)
+
+    a = args
+    qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    emb_mode = storage_mode(weights, f.tensor_type_name("token_embd.weight"), device, dtype)
+    emb = w("token_embd.weight", (a.vocab_size, a.dim))
+    # the lookup table only feeds one row per token: float16 halves its memory at no speed cost
+    model.tok_embeddings = emb.half() if emb_mode == "float16" else emb
+    model.norm = w("output_norm.weight", (a.dim,))
+    if a.tied_embeddings:
+        model.output = make_linear(emb, None, emb_mode)
+    else:
+        model.output = linear(["output.weight"], [(a.vocab_size, a.dim)])
+    del emb
+    rope_freqs = w("rope_freqs.weight", (a.rope_dims // 2,)).float().cpu() if a.has_rope_freqs else None
+    model.rope = Rope(a, rope_freqs, device)
+    for i, block in enumerate(model.layers):
+        p = f"blk.{i}."
+        att, ffn = block.attention, block.feed_forward
+        block.attn_norm = w(p + "attn_norm.weight", (a.dim,))
+        block.ffn_norm = w(p + "ffn_norm.weight", (a.dim,))
+        att.wqkv = linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                          [(qs, a.dim), (kvs, a.dim), (kvs, a.dim)],
+                          [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"] if a.qkv_bias else None)
+        if a.qk_norm:
+            att.q_norm = w(p + "attn_q_norm.weight", (a.head_dim,))
+            att.k_norm = w(p + "attn_k_norm.weight", (a.head_dim,))
+        att.wo = linear([p + "attn_output.weight"], [(a.dim, qs)])
+        ffn.w_gate_up = linear([p + "ffn_gate.weight", p + "ffn_up.weight"], [(a.ffn_dim, a.dim), (a.ffn_dim, a.dim)])
+        ffn.w_down = linear([p + "ffn_down.weight"], [(a.dim, a.ffn_dim)])
+    return model
+
+
+def weight_tensor_names(args: ModelArgs) -> list[str]:
+    """The tensors `load_transformer` reads, in order (for progress bars)."""
+    names = ["token_embd.weight", "output_norm.weight"]
+    if not args.tied_embeddings:
+        names.append("output.weight")
+    if args.has_rope_freqs:
+        names.append("rope_freqs.weight")
+    per = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v"]
+    if args.qkv_bias:
+        per += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+    if args.qk_norm:
+        per += ["attn_q_norm", "attn_k_norm"]
+    per += ["attn_output", "ffn_gate", "ffn_up", "ffn_down"]  # the order load_transformer reads them
+    for i in range(args.n_layers):
+        names += [f"blk.{i}.{n}" + ("" if n.endswith(".bias") else ".weight") for n in per]
+    return names

@@ -1,0 +1,101 @@
+"""Rotary position embeddings as llama.cpp applies them, and the one place that knows channel orders.
+
+Two conventions meet in a head's channels:
+- llama-arch GGUFs store Q/K rows permuted so that channel pairs (2i, 2i+1) rotate together
+  ("interleaved"); the Hugging Face checkpoint they came from pairs (i, i + d/2).
+- qwen2/qwen3 GGUFs keep the Hugging Face order and rotate pairs (i, i + d/2) ("neox").
+Pair i rotates at frequency base^(-2i/d): low i = high frequency.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from leank.runtime.config import ModelArgs
+
+
+def rope_mode(arch: str) -> str:
+    return "interleaved" if arch == "llama" else "neox"
+
+
+def pair_index(arch: str, head_dim: int) -> torch.Tensor:
+    """For each channel of a head in the model's GGUF order, the index i of its RoPE pair (0 = fastest)."""
+    j = torch.arange(head_dim)
+    return j // 2 if rope_mode(arch) == "interleaved" else j % (head_dim // 2)
+
+
+def hf_to_gguf_permutation(arch: str, head_dim: int) -> torch.Tensor:
+    """Index array P with gguf_channel[j] = hf_channel[P[j]] (identity for archs that keep HF order)."""
+    if rope_mode(arch) != "interleaved":
+        return torch.arange(head_dim)
+    half = head_dim // 2
+    j = torch.arange(head_dim)
+    return (j % 2) * half + j // 2
+
+
+def inverse_frequencies(args: ModelArgs, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair angular frequency (radians per position), float64, with `rope_freqs` factors applied."""
+    d = args.rope_dims
+    inv = args.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if rope_freqs is not None:
+        inv = inv / rope_freqs.to(torch.float64)
+    return inv
+
+
+class Rope:
+    """cos/sin tables for positions, computed on demand in float64 and cached per length."""
+
+    def __init__(self, args: ModelArgs, rope_freqs: torch.Tensor | None, device, dtype=torch.float32):
+        self.mode = args.rope_mode
+        self.device, self.dtype = device, dtype
+        s = args.rope_scaling
+        inv = inverse_frequencies(args, rope_freqs)
+        self.freq_scale = 1.0 / s.factor if s.kind in ("linear", "yarn") else 1.0
+        self.inv_freq = inv
+        self.mscale = 1.0
+        self.ramp = None
+        if s.kind == "yarn" and s.yarn_ext_factor != 0.0:
+            # YaRN as ggml's rope_yarn: blend interpolated and extrapolated angles per pair
+            d = args.rope_dims
+
+            def corr_dim(n_rot: float) -> float:
+                return d * math.log(s.original_context / (n_rot * 2 * math.pi)) / (2 * math.log(args.rope_base))
+
+            low = max(0.0, math.floor(corr_dim(s.yarn_beta_fast)))
+            high = min(d - 1.0, math.ceil(corr_dim(s.yarn_beta_slow)))
+            i = torch.arange(d // 2, dtype=torch.float64)
+            y = (i - low) / max(0.001, high - low)
+            self.ramp = (1 - y.clamp(0, 1)) * s.yarn_ext_factor
+            self.mscale = s.yarn_attn_factor * (1.0 + 0.1 * math.log(1.0 / self.freq_scale))
+        elif s.kind == "yarn":
+            self.mscale = s.yarn_attn_factor
+        self._cos = self._sin = None
+        self._extend(4096)
+
+    def _extend(self, n: int) -> None:
+        pos = torch.arange(n, dtype=torch.float64)[:, None]
+        extrap = pos * self.inv_freq[None, :]
+        theta = extrap * self.freq_scale
+        if self.ramp is not None:
+            theta = theta * (1 - self.ramp) + extrap * self.ramp
+        self._cos = (torch.cos(theta) * self.mscale).to(self.device, self.dtype)
+        self._sin = (torch.sin(theta) * self.mscale).to(self.device, self.dtype)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each (length, head_dim/2), for positions start .. start+length-1."""
+        end = start + length
+        if end > self._cos.shape[0]:
+            self._extend(max(end, 2 * self._cos.shape[0]))
+        return self._cos[start:end], self._sin[start:end]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rotate x (..., T, d) by per-position angles; cos/sin are (T, d/2)."""
+    if mode == "interleaved":
+        xr = x.unflatten(-1, (-1, 2))
+        x0, x1 = xr[..., 0], xr[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x0, x1 = x[..., :half], x[..., half:]
+    return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -230,3 +230,18 @@ def planned_nbytes(policy: CachePolicy, args, n_tokens: int, batch: int = 1, ful
     out.extra["full_tokens"] = full
     return out
 
+
+
+def compress_cache(dense, policy: CachePolicy, args) -> CompressedCache:
+    """The compressed cache that prefilling `dense`'s tokens under `policy` would have produced.
+
+    Prefill attention is dense under every policy (compression happens after a layer's attention), so
+    one dense prefill can serve several policies: evaluation compares policies this way.
+    """
+    out = CompressedCache(policy, args, dense.batch, device=dense.device, dtype=dense.dtype)
+    for layer in range(dense.n_layers):
+        n = dense.lengths[layer]
+        if n:
+            out.append(layer, dense.k[layer][:, :, :n], dense.v[layer][:, :, :n])
+            out._compact(layer)
+    return out

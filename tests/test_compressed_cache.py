@@ -184,3 +184,24 @@ def test_middle_ratio_for_leank70_kivi2_is_at_least_8x():
     _, middle = region_sizes(policy, 8192)
     fp16_middle = 2 * 30 * 3 * 64 * 2 * middle
     assert fp16_middle / (b.middle_k + b.middle_v + b.scales) >= 8
+
+
+def test_compress_cache_equals_prefilling_compressed(tiny_llama):
+    import leank
+    from leank.runtime.compressed import compress_cache
+
+    m = leank.load(tiny_llama, device="cpu")
+    mask = random_mask(m.args.n_layers, m.args.n_kv_heads, m.args.head_dim, align=4)
+    policy = CachePolicy(mask=mask, k_bits=2, v_bits=4, sink_tokens=4, recent_tokens=16, block_tokens=32, group_size=16)
+    ids = m.tokenize("the rain in spain stays mainly in the plain " * 12)
+    follow = m.tokenize(" and the sun", add_special=False)
+    direct = m.new_cache(policy=policy)
+    dense = m.new_cache()
+    with torch.inference_mode():
+        m.transformer(torch.tensor([ids]), direct)
+        m.transformer(torch.tensor([ids]), dense)
+        converted = compress_cache(dense, policy, m.args)
+        a = m.transformer(torch.tensor([follow]), direct, logits_for="all")
+        b = m.transformer(torch.tensor([follow]), converted, logits_for="all")
+    assert converted.layers[0].middle_len > 0
+    assert torch.equal(a, b)

@@ -6,6 +6,7 @@ loads there; leank never adds tensors (llama.cpp refuses unexpected ones).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ K_MASK_RATIO = "leank.mask.ratio"
 K_MASK_ALIGN = "leank.mask.align"
 K_MASK_SOURCE = "leank.mask.source"
 K_MASK_STEPS = "leank.mask.steps"
+K_MASK_EXTRA = "leank.mask.extra"  # JSON object of further provenance (arch, tokens, seed...), optional
 K_K_BITS = "leank.cache.k_bits"
 K_V_BITS = "leank.cache.v_bits"
 K_GROUP = "leank.cache.group_size"
@@ -38,6 +40,7 @@ K_BLOCK = "leank.cache.block_tokens"
 _POLICY_KEYS = {K_K_BITS: "k_bits", K_V_BITS: "v_bits", K_GROUP: "group_size", K_SINK: "sink_tokens",
                 K_RECENT: "recent_tokens", K_BLOCK: "block_tokens"}
 MAX_TOKENS_SETTING = 1 << 24
+MAX_EXTRA_CHARS = 1 << 16
 
 @dataclass(frozen=True)
 class LeankMetadata:
@@ -120,8 +123,23 @@ def _read_mask(f, where: str) -> Mask:
         align=_opt(f.get(K_MASK_ALIGN), int),
         source=str(f.get(K_MASK_SOURCE, "")),
         steps=_opt(f.get(K_MASK_STEPS), int),
+        extra=_read_extra(f.get(K_MASK_EXTRA), where),
     )
     return Mask(kept, prov)
+
+def _read_extra(text, where: str) -> dict:
+    if text is None:
+        return {}
+    if not isinstance(text, str) or len(text) > MAX_EXTRA_CHARS:
+        raise LeankError(f"{where}: {K_MASK_EXTRA} is not a JSON string of at most {MAX_EXTRA_CHARS} characters")
+    try:
+        extra = json.loads(text)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                                              for k, v in extra.items()):
+        raise LeankError(f"{where}: {K_MASK_EXTRA} is not a JSON object of plain values")
+    return extra
 
 def _opt(value, kind):
     return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -151,4 +169,7 @@ def write_leank_metadata(writer, policy: CachePolicy, fingerprint: str) -> None:
             writer.add_string(K_MASK_SOURCE, p.source)
         if p.steps is not None:
             writer.add_uint32(K_MASK_STEPS, int(p.steps))
+        if p.extra:
+            plain = {str(k): v if v is None or isinstance(v, (str, int, float, bool)) else str(v) for k, v in p.extra.items()}
+            writer.add_string(K_MASK_EXTRA, json.dumps(plain, sort_keys=True))
 

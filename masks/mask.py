@@ -109,6 +109,11 @@ class Mask:
         """Heads with no kept channel: they store no middle K and no middle V."""
         return int((self.kept_counts() == 0).sum())
 
+    def detected_align(self) -> int:
+        """The largest alignment in ALIGNMENTS that every head's kept count is a multiple of."""
+        counts = self.kept_counts()
+        return next(a for a in sorted(ALIGNMENTS, reverse=True) if bool((counts % a == 0).all()))
+
     def stats(self) -> dict:
         n_heads = self.n_layers * self.n_kv_heads
         return {

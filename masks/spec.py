@@ -1,9 +1,14 @@
 """Turn a mask SPEC from the command line into a `Mask` for a given model.
 
 SPEC is one of:
-- a native mask file (`.safetensors`, written by `leank mask` commands or `Mask.save`);
+- `ones` (keep every channel: the compressed cache without pruning);
 - `freq:RATIO` (training-free, RoPE frequencies), e.g. `freq:0.7`;
-- `ones` (keep every channel: the compressed cache without pruning).
+- `calib:RATIO` (training-free, |q|*|k| statistics of the model on generated text; loads the model);
+- a native mask file (`.safetensors`, written by `leank mask make` or `Mask.save`);
+- a LeanK released mask (`.pth`), put into the model's GGUF channel order;
+- LeanK stage-1 scaling factors (`.tsv`, or `FILE.tsv:RATIO`), binarized at RATIO (default 0.7);
+- a converted GGUF file: the mask embedded in it.
+`align` (default 16) applies to the masks made here from scores: freq, calib and .tsv.
 """
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from pathlib import Path
 
 from leank.errors import LeankError
 from leank.masks.mask import Mask
+from leank.runtime.rope import rope_mode
 
 DEFAULT_ALIGN = 16
+DEFAULT_RATIO = 0.7  # LeanK's pruning ratio
+KINDS_HELP = "ones, freq:RATIO, calib:RATIO, a mask file (.safetensors), a LeanK .pth or stage-1 .tsv, or a converted .gguf"
 
 
 def _ratio(text: str, spec: str) -> float:
@@ -25,20 +33,101 @@ def _ratio(text: str, spec: str) -> float:
     return r
 
 
-def resolve_mask(spec: str, model, align: int | None = None) -> Mask:
-    """The mask `spec` names, checked against `model`'s shape (a `leank.Model`)."""
+def split_tsv_spec(spec: str) -> tuple[Path, float] | None:
+    """`FILE.tsv` or `FILE.tsv:RATIO` -> (path, ratio); None for anything else."""
+    if spec.lower().endswith(".tsv"):
+        return Path(spec), DEFAULT_RATIO
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.lower().endswith(".tsv"):
+        return Path(head), _ratio(tail, spec)
+    return None
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def embedded_mask(path: str | Path) -> Mask:
+    """The mask a converted GGUF embeds (its fingerprint checked); an error when it has none."""
+    from leank.convert.schema import read_leank_metadata
+    from leank.runtime.config import read_model_args
+    from leank.runtime.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    meta = read_leank_metadata(f, read_model_args(f))
+    if meta is None or meta.mask is None:
+        raise LeankError(f"{path}: no embedded leank mask (leank convert embeds one)")
+    return meta.mask
+
+
+def resolve_mask(spec: str, model, align: int | None = None, *, progress=None) -> Mask:
+    """The mask `spec` names, checked against `model`'s shape and architecture.
+
+    `model` is a `leank.Model` or a header (`leank.runtime.inspect.open_header`); `calib:` loads the
+    weights of a header's file. `progress(done, total)` reports calibration tokens.
+    """
     args = model.args
     align = align or DEFAULT_ALIGN
+    tsv = split_tsv_spec(spec)
     if spec == "ones":
         mask = Mask.ones(args.n_layers, args.n_kv_heads, args.head_dim)
     elif spec.startswith("freq:"):
         from leank.masks.freq import frequency_mask
 
         mask = frequency_mask(args, _ratio(spec[5:], spec), align)
+    elif spec.startswith("calib:"):
+        from leank.masks.calib import calibration_mask
+
+        mask = calibration_mask(model, _ratio(spec[6:], spec), align, progress=progress)
+    elif tsv is not None:
+        from leank.masks.importers import import_stage1_tsv
+
+        mask = import_stage1_tsv(tsv[0], args.n_kv_heads, args.head_dim, tsv[1], align, args.arch)
     else:
         path = Path(spec)
         if not path.exists():
-            raise LeankError(f"mask {spec!r}: no such file, and not freq:RATIO or ones")
-        mask = Mask.load(path)
+            raise LeankError(f"mask {spec!r}: no such file; a SPEC is {KINDS_HELP}")
+        if path.suffix.lower() in (".pth", ".pt"):
+            from leank.masks.importers import import_leank_pth
+
+            mask = import_leank_pth(path, args.arch)
+        elif is_gguf(path):
+            mask = embedded_mask(path)
+        else:
+            mask = Mask.load(path)
+    made_for = mask.provenance.extra.get("arch")
+    if made_for is not None and rope_mode(str(made_for)) != rope_mode(args.arch):
+        raise LeankError(f"mask {spec!r} is in the channel order of a {made_for} model ({rope_mode(str(made_for))} RoPE); "
+                         f"{model.path.name} is {args.arch} ({rope_mode(args.arch)} RoPE)")
     mask.check_fits(args.n_layers, args.n_kv_heads, args.head_dim, f"{model.path.name}")
     return mask
+
+
+def read_mask_source(source: str, arch: str | None = None, model=None, align: int | None = None) -> Mask:
+    """The mask `source` names, for display: like `resolve_mask` when `model` (a path or header) is
+    given; without it, files only, a LeanK .pth in `arch`'s GGUF order or, with no `arch` either, in its
+    own order (its provenance then says `channel_order: hf`)."""
+    if model is not None:
+        if not hasattr(model, "args"):
+            from leank.runtime.inspect import open_header
+
+            model = open_header(model)
+        if arch is not None and rope_mode(arch) != rope_mode(model.args.arch):
+            raise LeankError(f"--arch {arch} contradicts the model, which is {model.args.arch}")
+        return resolve_mask(source, model, align)
+    path = Path(source)
+    if split_tsv_spec(source) is not None or source == "ones" or source.startswith(("freq:", "calib:")):
+        raise LeankError(f"{source!r}: needs --model to know the model's heads and channels")
+    if not path.exists():
+        raise LeankError(f"{source}: no such file")
+    if path.suffix.lower() in (".pth", ".pt"):
+        from leank.masks.importers import import_leank_pth
+
+        return import_leank_pth(path, arch)
+    if is_gguf(path):
+        return embedded_mask(path)
+    return Mask.load(path)

@@ -1,6 +1,7 @@
 """`leank chat`: a multi-turn conversation in the terminal (or one turn per line from a pipe)."""
 from __future__ import annotations
 
+import json
 import sys
 from typing import Optional
 
@@ -23,6 +24,8 @@ def chat(
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn (user, assistant, "
+                                             "stats): easy to parse when scripting.")] = False,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
@@ -72,11 +75,18 @@ def chat(
             err.print(HELP)
             continue
         try:
+            pieces = []
             for step in session.send(text, **sampling):
                 if step.text:
-                    sys.stdout.write(step.text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
+                    pieces.append(step.text)
+                    if not json_lines:
+                        sys.stdout.write(step.text)
+                        sys.stdout.flush()
+            if json_lines:
+                stats = session.last_stats.as_dict() if session.last_stats else {}
+                sys.stdout.write(json.dumps({"user": text, "assistant": "".join(pieces), **stats}) + "\n")
+            else:
+                sys.stdout.write("\n")
             sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write("\n")

@@ -1,0 +1,4 @@
+"""`python -m leank.cli` runs the `leank` command."""
+from leank.cli.app import main
+
+main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -48,12 +49,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Model:
     """A GGUF model ready to run. Build it with `leank.load(path)`."""
 
-    def __init__(self, path: Path, file: GGUFFile, args: ModelArgs, transformer: Transformer,
-                 tokenizer: Tokenizer, template: ChatTemplate, policy=None):
+    def __init__(self, path: Path, file: GGUFFile, args: ModelArgs, transformer: Transformer, policy=None):
         self.path, self.file, self.args = path, file, args
-        self.transformer, self.tokenizer, self.template = transformer, tokenizer, template
+        self.transformer = transformer
         self.policy = policy
         self.last_stats = None
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """llama.cpp's tokenizer for the file, loaded on first use (the GPU machines have no llama-cpp)."""
+        tok = Tokenizer(self.path)
+        if tok.n_vocab > self.args.vocab_size:
+            raise LeankError(f"{self.path}: vocabulary has {tok.n_vocab} tokens but the embedding only {self.args.vocab_size}")
+        return tok
+
+    @cached_property
+    def template(self) -> ChatTemplate:
+        tok = self.tokenizer
+        bos = tok.token_text(tok.bos_id) if tok.bos_id >= 0 else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id >= 0 else ""
+        source = self.file.get("tokenizer.chat_template")
+        return ChatTemplate(source if isinstance(source, str) else None, bos, eos)
 
     @property
     def device(self) -> torch.device:
@@ -204,16 +220,9 @@ def load(path: str | os.PathLike[str] | None = None, device: str | torch.device 
         if progress:
             progress(done[0], len(names))
 
-    transformer = load_transformer(f, args, dev, dt, weights=weights, progress=tick)
-    tokenizer = Tokenizer(path)
-    if tokenizer.n_vocab != args.vocab_size and tokenizer.n_vocab > args.vocab_size:
-        raise LeankError(f"{path}: vocabulary has {tokenizer.n_vocab} tokens but the embedding only {args.vocab_size}")
-    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ""
-    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else ""
-    template_src = f.get("tokenizer.chat_template")
-    template = ChatTemplate(template_src if isinstance(template_src, str) else None, bos, eos)
     if policy is None:
         from leank.runtime.policy import policy_from_file
 
-        policy = policy_from_file(f, args)
-    return Model(path, f, args, transformer, tokenizer, template, policy)
+        policy = policy_from_file(f, args)  # validates embedded metadata before the weights are read
+    transformer = load_transformer(f, args, dev, dt, weights=weights, progress=tick)
+    return Model(path, f, args, transformer, policy)

@@ -14,7 +14,7 @@ from leank.errors import LeankError
 from leank.runtime.config import ModelArgs
 from leank.runtime.gguf_file import GGUFFile
 from leank.runtime.linear import Linear, make_linear, storage_mode
-from leank.runtime.rope import Rope, apply_rope
+from leank.runtime.rope import Rope, RopeTables
 
 # Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
 FFN_CHUNK_TOKENS = 2048
@@ -38,25 +38,25 @@ class Attention(nn.Module):
         self.q_norm: torch.Tensor | None = None
         self.k_norm: torch.Tensor | None = None
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, rope: RopeTables):
         """Project and rotate: q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
         a = self.args
         B, T, _ = x.shape
         qkv = self.wqkv(x)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = q.view(B, T, a.n_heads, a.head_dim)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, a.norm_eps)
             k = rms_norm(k, self.k_norm, a.norm_eps)
-        q = apply_rope(q, cos, sin, a.rope_mode)
-        k = apply_rope(k, cos, sin, a.rope_mode)
-        return q, k, v.contiguous()
+        q = rope.apply(q).transpose(1, 2)
+        k = rope.apply(k).transpose(1, 2)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        return q, k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, rope)
         cache.append(self.layer, k, v)
         out = cache.attend(self.layer, q)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.q_size))
@@ -89,8 +89,8 @@ class Block(nn.Module):
         self.attn_norm = torch.empty(0)
         self.ffn_norm = torch.empty(0)
 
-    def forward(self, x, cos, sin, cache):
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache)
+    def forward(self, x, rope, cache):
+        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), rope, cache)
         return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
 
 
@@ -115,10 +115,10 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         start = cache.seq_len
-        cos, sin = self.rope.tables(start, T)
+        rope = self.rope.tables(start, T)
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, rope, cache)
         if logits_for == "last":
             x = x[:, -1:]
         x = rms_norm(x, self.norm, self.args.norm_eps)

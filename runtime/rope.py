@@ -79,19 +79,39 @@ class Rope:
         theta = extrap * self.freq_scale
         if self.ramp is not None:
             theta = theta * (1 - self.ramp) + extrap * self.ramp
-        self._cos = (torch.cos(theta) * self.mscale).to(self.device, self.dtype)
-        self._sin = (torch.sin(theta) * self.mscale).to(self.device, self.dtype)
+        cos, sin = torch.cos(theta) * self.mscale, torch.sin(theta) * self.mscale
+        self._cos = cos.to(self.device, self.dtype)
+        self._sin = sin.to(self.device, self.dtype)
+        # float32 interleaved pairs rotate fastest as one complex multiply
+        self._cis = torch.complex(cos.float(), sin.float()).to(self.device) if self.dtype == torch.float32 else None
 
-    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each (length, head_dim/2), for positions start .. start+length-1."""
+    def tables(self, start: int, length: int) -> "RopeTables":
+        """The rotation for positions start .. start+length-1, shaped to broadcast over (B, T, H, D)."""
         end = start + length
         if end > self._cos.shape[0]:
             self._extend(max(end, 2 * self._cos.shape[0]))
-        return self._cos[start:end], self._sin[start:end]
+        cis = None if self._cis is None else self._cis[start:end, None, :]
+        return RopeTables(self._cos[start:end, None, :], self._sin[start:end, None, :], cis, self.mode)
+
+
+class RopeTables:
+    """cos/sin (T, 1, d/2) (and complex cis for float32) for one forward pass."""
+
+    __slots__ = ("cos", "sin", "cis", "mode")
+
+    def __init__(self, cos, sin, cis, mode):
+        self.cos, self.sin, self.cis, self.mode = cos, sin, cis, mode
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, T, H, d)."""
+        if self.mode == "interleaved" and self.cis is not None and x.dtype == torch.float32:
+            xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+            return torch.view_as_real(xc * self.cis).flatten(-2)
+        return apply_rope(x, self.cos, self.sin, self.mode)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:
-    """Rotate x (..., T, d) by per-position angles; cos/sin are (T, d/2)."""
+    """Rotate x (..., d) by angles whose cos/sin (..., d/2) broadcast against it."""
     if mode == "interleaved":
         xr = x.unflatten(-1, (-1, 2))
         x0, x1 = xr[..., 0], xr[..., 1]

@@ -1,0 +1,147 @@
+"""Decode speed and peak memory on CPU: leank (dense and compressed caches) against llama.cpp.
+
+    python bench/decode_cpu.py                      # SmolLM2 default model, contexts 512 and 4096
+    python bench/decode_cpu.py --ctx 512 --ctx 4096 --tokens 64 --threads 2 --json-out bench/out/decode_cpu.json
+
+Each measurement runs in its own process (so peak RSS is that engine's alone): prefill a context of N
+tokens of prose, then greedy-decode --tokens tokens, timing only the decode. Same file, same thread
+count for both engines. Prints a table; append it to bench/RESULTS.md yourself, with the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROSE = HERE.parent / "tests" / "data" / "prose.txt"
+POLICIES = {
+    "dense": {},
+    "kivi4": dict(kv="kivi", k_bits=4, v_bits=4),
+    "leank0.7+kivi2": dict(kv="leank+kivi", ratio=0.7, k_bits=2, v_bits=2),
+}
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def context_ids(tokenize, n: int) -> list[int]:
+    text = PROSE.read_text()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids = tokenize(text)
+        text += "\n\n" + PROSE.read_text()
+    return ids[:n]
+
+
+def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str) -> dict:
+    import torch
+
+    import leank
+    from leank.runtime.policy import build_policy
+
+    m = leank.load(model_path, device="cpu")
+    policy = build_policy(m, **POLICIES[policy_name])
+    ids = context_ids(m.tokenize, ctx)
+    cache = m.new_cache(policy=policy)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = m.transformer(torch.tensor([ids]), cache)[0, -1]
+        prefill = time.perf_counter() - t0
+        token = int(logits.argmax())
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            logits = m.transformer(torch.tensor([[token]]), cache)[0, -1]
+            token = int(logits.argmax())
+        decode = time.perf_counter() - t1
+    b = cache.nbytes()
+    return {"engine": "leank", "policy": policy_name, "ctx": ctx, "prefill_tok_s": ctx / prefill,
+            "decode_tok_s": tokens / decode, "peak_rss_mib": peak_rss_mib(), "cache_bytes": b.total,
+            "cache_ratio_vs_fp16": b.ratio}
+
+
+def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
+    ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=True), ctx)
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t0
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(tokens):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = time.perf_counter() - t1
+    return {"engine": "llama.cpp", "policy": "f16 cache", "ctx": ctx, "prefill_tok_s": ctx / prefill,
+            "decode_tok_s": tokens / decode, "peak_rss_mib": peak_rss_mib()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--ctx", type=int, action="append", help="context lengths (default 512 and 4096)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--policy", action="append", choices=list(POLICIES), help="leank cache policies")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        engine, ctx, tokens, policy = a.worker
+        import torch
+
+        torch.set_num_threads(a.threads)
+        if engine == "leank":
+            out = worker_leank(a.model, int(ctx), int(tokens), policy)
+        else:
+            out = worker_llama_cpp(a.model, int(ctx), int(tokens), a.threads)
+        print(json.dumps(out))
+        return
+    if a.model is None:
+        from leank.runtime.tokenizer import default_model_path
+
+        a.model = str(default_model_path())
+    rows = []
+    for ctx in a.ctx or [512, 4096]:
+        jobs = [("llama.cpp", "-")] + [("leank", p) for p in (a.policy or list(POLICIES))]
+        for engine, policy in jobs:
+            cmd = [sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
+                   "--worker", engine, str(ctx), str(a.tokens), policy]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stderr, file=sys.stderr)
+                raise SystemExit(f"{engine} {policy} at {ctx} failed")
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{row['engine']:>9} {row['policy']:>15} ctx {ctx:>5}: decode {row['decode_tok_s']:6.1f} tok/s, "
+                  f"prefill {row['prefill_tok_s']:6.1f} tok/s, peak RSS {row['peak_rss_mib']:6.0f} MiB", flush=True)
+    print()
+    print("| engine | cache | context | decode tok/s | vs llama.cpp | prefill tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["engine"] == "llama.cpp" and r["ctx"] == row["ctx"])
+        print(f"| {row['engine']} | {row['policy']} | {row['ctx']} | {row['decode_tok_s']:.1f} | "
+              f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x | {row['prefill_tok_s']:.0f} | {row['peak_rss_mib']:.0f} |")
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "model": a.model}
+    print(f"\n{meta}")
+    if a.json_out:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

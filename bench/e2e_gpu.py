@@ -1,0 +1,164 @@
+"""End-to-end decoding on one GPU: a random-weight Llama-3.1-8B-shaped GGUF, dense cache vs LeanK + KIVI-2.
+
+Writes the GGUF on the device (`TinySpec(fast_weights=True)`: weights tiled from one random block),
+loads it with the runtime's loader (no tokenizer: token ids are drawn at random), and for each cache:
+fills a 32K context per sequence with random K/V (a real 32K prefill per sequence would dominate the run;
+random K/V exercise the same decode path: the compressed cache quantizes them through its kernels),
+decodes greedily, and reports decode tokens/s and peak GPU memory at batch 1 and at the largest batch
+whose peak stays within a fixed memory budget (predicted from batch 1's bytes per sequence, then run).
+
+    python bench/e2e_gpu.py --mask ../shared/data/leank-masks/llama3.1-8b-instruct.pth --budget-gib 64
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from leank.convert.synthetic import TinySpec, write_tiny_model
+from leank.masks.mask import Mask
+from leank.runtime.cache import DenseCache
+from leank.runtime.compressed import CompressedCache
+from leank.runtime.config import read_model_args
+from leank.runtime.gguf_file import GGUFFile
+from leank.runtime.model import load_transformer
+from leank.runtime.policy import CachePolicy
+from leank.runtime.rope import hf_to_gguf_permutation
+
+DEFAULT_MASK = Path(__file__).resolve().parents[2] / "shared/data/leank-masks/llama3.1-8b-instruct.pth"
+LLAMA31_8B = dict(arch="llama", n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, context_length=131072,
+                  rope_base=500000.0, tied=False, tensor_type="F16", vocab_size=128256, fast_weights=True)
+FILL_CHUNK = 2048  # tokens appended at a time when filling (bounds the compressed cache's dense staging)
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def fill(cache, args, n_tokens: int, gen) -> None:
+    """Every layer of `cache` holds `n_tokens` random keys/values per sequence."""
+    B, H, D = cache.batch, args.n_kv_heads, args.head_dim
+    for layer in range(args.n_layers):
+        for t0 in range(0, n_tokens, FILL_CHUNK):
+            T = min(FILL_CHUNK, n_tokens - t0)
+            k = torch.empty(B, H, T, D, dtype=cache.dtype, device="cuda").normal_(0, 1, generator=gen)
+            v = torch.empty(B, H, T, D, dtype=cache.dtype, device="cuda").normal_(0, 1, generator=gen)
+            cache.append(layer, k, v)
+            if isinstance(cache, CompressedCache):
+                cache._compact(layer)
+
+
+def make_cache(kind: str, policy, args, batch: int, dtype, capacity: int):
+    if kind == "dense":
+        return DenseCache(args.n_layers, args.n_kv_heads, args.head_dim, batch, device="cuda", dtype=dtype,
+                          capacity=capacity)
+    return CompressedCache(policy, args, batch, device="cuda", dtype=dtype)
+
+
+@torch.inference_mode()
+def run(model, kind: str, policy, args, batch: int, context: int, steps: int, gen) -> dict:
+    """Fill, then decode `steps` tokens greedily; tokens/s over the timed steps and peak memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cache = make_cache(kind, policy, args, batch, model.dtype, context + steps + 8)
+    t0 = time.time()
+    fill(cache, args, context, gen)
+    torch.cuda.synchronize()
+    fill_s = time.time() - t0
+    cache_bytes = torch.cuda.memory_allocated() - before
+    tokens = torch.randint(0, args.vocab_size, (batch, 1), device="cuda", generator=gen)
+    warm = 3
+    for i in range(warm + steps):
+        if i == warm:
+            torch.cuda.synchronize()
+            t0 = time.time()
+        logits = model(tokens, cache)
+        tokens = logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    dt = time.time() - t0
+    out = dict(kind=kind, batch=batch, context=context, steps=steps, fill_seconds=fill_s,
+               tokens_per_second=batch * steps / dt, ms_per_step=1000 * dt / steps,
+               cache_gib=gib(cache_bytes), peak_gib=gib(torch.cuda.max_memory_allocated()),
+               attention=getattr(getattr(cache, "ops", None), "name", "torch"))
+    del cache, logits, tokens
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mask", type=Path, default=DEFAULT_MASK)
+    ap.add_argument("--gguf", type=Path, default=Path("/tmp/llama31-8b-random.gguf"))
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--budget-gib", type=float, default=64.0, help="GPU memory budget for the largest batch")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--out", type=Path, default=Path("bench/out/e2e_gpu.json"))
+    args_cli = ap.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    dtype = getattr(torch, args_cli.dtype)
+    card = torch.cuda.get_device_properties(0).name
+    if not args_cli.gguf.exists():
+        t0 = time.time()
+        write_tiny_model(args_cli.gguf, TinySpec(**LLAMA31_8B))
+        console.print(f"wrote {args_cli.gguf} ({gib(args_cli.gguf.stat().st_size):.1f} GiB) in {time.time() - t0:.0f} s")
+    t0 = time.time()
+    f = GGUFFile(args_cli.gguf)
+    margs = read_model_args(f)
+    model = load_transformer(f, margs, torch.device("cuda"), dtype)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    console.print(f"loaded in {time.time() - t0:.0f} s: {gib(weights):.2f} GiB of weights on {card}")
+
+    kept_hf = torch.load(args_cli.mask, weights_only=True) > 0.5  # (layers, kv heads, 128), HF order
+    perm = hf_to_gguf_permutation(margs.arch, margs.head_dim)
+    mask = Mask(kept_hf[..., perm])  # gguf channel j = HF channel perm[j]
+    policy = CachePolicy(mask=mask, k_bits=2, v_bits=2, group_size=32)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    results = []
+    for kind in ("dense", "leank+kivi2"):
+        one = run(model, kind, policy, margs, 1, args_cli.context, args_cli.steps, gen)
+        one["role"] = "batch 1"
+        results.append(one)
+        console.print(one)
+        per_seq = one["cache_gib"]
+        overhead = one["peak_gib"] - gib(weights) - per_seq  # activations, workspaces at batch 1
+        batch = int((args_cli.budget_gib - gib(weights) - overhead) // (per_seq * 1.02))
+        while batch >= 1:
+            try:
+                r = run(model, kind, policy, margs, batch, args_cli.context, max(4, args_cli.steps // 2), gen)
+            except torch.cuda.OutOfMemoryError:
+                r = None
+            if r is not None and r["peak_gib"] <= args_cli.budget_gib:
+                r["role"] = f"largest batch within {args_cli.budget_gib:g} GiB"
+                results.append(r)
+                console.print(r)
+                break
+            why = "OOM" if r is None else "peak %.1f GiB" % r["peak_gib"]
+            console.print(f"{kind}: batch {batch} does not fit ({why})")
+            batch = int(batch * 0.95)
+    table = Table(title=f"decode, Llama-3.1-8B shapes (random weights, {args_cli.dtype}), {args_cli.context} context, {card}")
+    for col in ("cache", "role", "batch", "tokens/s", "ms/step", "cache GiB", "peak GiB", "attention"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["kind"], r["role"], str(r["batch"]), f"{r['tokens_per_second']:.1f}", f"{r['ms_per_step']:.1f}",
+                      f"{r['cache_gib']:.2f}", f"{r['peak_gib']:.2f}", r["attention"])
+    console.print(table)
+    args_cli.out.parent.mkdir(parents=True, exist_ok=True)
+    args_cli.out.write_text(json.dumps(dict(card=card, date=str(date.today()), dtype=args_cli.dtype,
+                                            weights_gib=gib(weights), budget_gib=args_cli.budget_gib,
+                                            context_filled_with="random K/V (no prefill)", results=results), indent=1))
+    console.print(f"wrote {args_cli.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The CUDA path of the cache's hot operations: TileLang kernels behind the reference's signatures.
+
+`ops()` is what `leank.kernels.dispatch` returns on a CUDA device when TileLang is installed:
+- `compressed_attention`: decode (T == 1) over the compressed cache with `tl_decode`'s kernels: one
+  launch for the full region (every KV head), one per head group for the middle region, one to merge;
+  anything else (T > 1, float32, shapes the kernels do not cover) goes to the torch reference;
+- `quantize_k`, `quantize_v`: `tl_quant`'s kernels, bit-identical to `leank.kernels.quant`.
+
+Kernels are compiled once per configuration (bits, head_dim, kept channels, group size, dtype, GQA
+ratio), never per length or batch: lengths, capacities, batch and split counts are symbolic. Compiled
+kernels are kept in this process (`_KERNELS`) and on disk by TileLang's own cache
+(`TILELANG_CACHE_DIR`, default ~/.tilelang/cache), so a second process loads them instead of compiling.
+TileLang is imported only by this module and the `tl_*` modules it imports, only on the CUDA path.
+"""
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+from leank.kernels import quant, reference
+
+LOG2E = 1.4426950408889634
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# Blocks each decode launch aims for, per streaming multiprocessor: enough splits along the tokens to
+# fill the card when batch x heads is small, few when it is large (each split costs a partial output).
+BLOCKS_PER_SM = 4
+FULL_BLOCK = 64  # tokens per tile in the full region
+
+
+def middle_block(k_bits: int, v_bits: int, group: int) -> int:
+    """Tokens per tile in the middle region: larger when codes are small, so each tile loads enough;
+    a multiple of the group size, so that a tile holds whole K scale rows."""
+    base = 64 if min(k_bits, v_bits) == 16 else 128
+    return math.ceil(max(base, group) / group) * group
+
+
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison them to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_KERNELS: dict = {}
+_SM_COUNT: dict = {}
+_DUMMY: dict = {}
+
+
+def _target():
+    """TileLang target: the current device ("auto"), or LEANK_TL_ARCH=sm_90 to compile without a GPU."""
+    arch = os.environ.get("LEANK_TL_ARCH")
+    return {"kind": "cuda", "arch": arch} if arch else "auto"
+
+
+def build(spec: tuple):
+    """The prim_func of a kernel spec (kind, *configuration)."""
+    from leank.kernels import tl_decode, tl_quant
+
+    kind, *cfg = spec
+    if kind == "full":
+        return tl_decode.full_decode(*cfg)
+    if kind == "middle":
+        return tl_decode.middle_decode(*cfg)
+    if kind == "combine":
+        return tl_decode.combine(*cfg)
+    if kind == "quantize_k":
+        return tl_quant.quantize_k(*cfg)
+    if kind == "quantize_v":
+        return tl_quant.quantize_v(*cfg)
+    raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def kernel(spec: tuple):
+    """The compiled kernel of `spec`, from this process, TileLang's disk cache, or a fresh compile."""
+    k = _KERNELS.get(spec)
+    if k is None:
+        import tilelang
+
+        k = _KERNELS[spec] = tilelang.compile(build(spec), target=_target(), execution_backend="tvm_ffi")
+    return k
+
+
+def _compile_some(specs: list) -> list:
+    """Compile `specs` here; returns (spec, error message) for those that fail."""
+    failed = []
+    for spec in specs:
+        try:
+            kernel(spec)
+        except Exception as e:  # noqa: BLE001 - reported by precompile; the spec's caller gets the error
+            failed.append((spec, f"{type(e).__name__}: {str(e)[-2000:]}"))
+    return failed
+
+
+def precompile(specs, workers: int | None = None) -> list:
+    """Compile `specs` into TileLang's disk cache with several processes (nvcc is single-threaded),
+    then load them here. Returns (spec, error) for the specs that failed to compile."""
+    specs = [s for s in dict.fromkeys(specs) if s not in _KERNELS]
+    workers = min(workers or max(1, (os.cpu_count() or 2) - 2), len(specs))
+    failed = []
+    if workers > 1:
+        import multiprocessing as mp
+
+        chunks = [specs[i::workers] for i in range(workers)]
+        with mp.get_context("spawn").Pool(workers) as pool:
+            failed = [f for part in pool.map(_compile_some, chunks) for f in part]
+    bad = {spec for spec, _ in failed}
+    failed += _compile_some([s for s in specs if s not in bad])
+    for spec, err in failed:
+        print(f"leank: TileLang kernel {spec} failed to compile: {err}")
+    return failed
+
+
+# --- quantize ------------------------------------------------------------------------------------------
+def _quant_supported(x: torch.Tensor, bits: int) -> bool:
+    return x.is_cuda and x.dtype in _DTYPES and bits in quant.PACKABLE_BITS and x.dim() >= 2
+
+
+def quantize_k(k: torch.Tensor, bits: int, group: int):
+    """As `leank.kernels.quant.quantize_k`, on the GPU."""
+    *lead, T, C = k.shape
+    if not _quant_supported(k, bits) or T % group:
+        return quant.quantize_k(k, bits, group)
+    x = k.reshape(-1, T, C).contiguous()
+    L = x.shape[0]
+    packed = _empty((L, T, quant.packed_width(C, bits)), torch.uint8, k.device)
+    scale = _empty((L, T // group, C), torch.float16, k.device)
+    mn = _empty((L, T // group, C), torch.float16, k.device)
+    if L and T:
+        kernel(("quantize_k", C, bits, group, _DTYPES[k.dtype]))(x, packed, scale, mn)
+    return packed.view(*lead, T, -1), scale.view(*lead, T // group, C), mn.view(*lead, T // group, C)
+
+
+def quantize_v(v: torch.Tensor, bits: int, group: int):
+    """As `leank.kernels.quant.quantize_v`, on the GPU."""
+    *lead, T, D = v.shape
+    if not _quant_supported(v, bits) or D % group:
+        return quant.quantize_v(v, bits, group)
+    x = v.reshape(-1, T, D).contiguous()
+    L = x.shape[0]
+    packed = _empty((L, T, quant.packed_width(D, bits)), torch.uint8, v.device)
+    scale = _empty((L, T, D // group), torch.float16, v.device)
+    mn = _empty((L, T, D // group), torch.float16, v.device)
+    if L and T:
+        kernel(("quantize_v", D, bits, group, _DTYPES[v.dtype]))(x, packed, scale, mn)
+    return packed.view(*lead, T, -1), scale.view(*lead, T, D // group), mn.view(*lead, T, D // group)
+
+
+# --- decode attention ------------------------------------------------------------------------------------
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A placeholder for parameters a configuration does not read (lengths, scales at 16 bits)."""
+    key = (device, dtype)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
+    return _DUMMY[key]
+
+
+def _capacity_view(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous (B, H, cap, D) view of the buffer that x = buf[:, :, :n] was sliced from (the cache
+    passes its full region that way), so the kernel reads it in place; a copy if x is anything else."""
+    if x.is_contiguous():
+        return x
+    B, H, _, D = x.shape
+    s0, s1, s2, s3 = x.stride()
+    if s3 == 1 and s2 == D and s1 % D == 0 and s0 == H * s1:
+        cap = s1 // D
+        need = (x.storage_offset() + B * s0) * x.element_size()
+        if x.untyped_storage().nbytes() >= need:
+            return x.as_strided((B, H, cap, D), (s0, s1, s2, s3))
+    return x.contiguous()
+
+
+def _splits(length: int, rows: int, block: int, sm_count: int) -> tuple[int, int]:
+    """(number of splits, tokens per split) for `length` tokens and `rows` (batch x heads) blocks."""
+    if length <= 0:
+        return 1, block
+    want = max(1, math.ceil(BLOCKS_PER_SM * sm_count / max(rows, 1)))
+    n = min(want, math.ceil(length / block))
+    chunk = math.ceil(math.ceil(length / n) / block) * block
+    return math.ceil(length / chunk), chunk
+
+
+def decode_supported(q, full_k, groups, k_bits, v_bits, group) -> bool:
+    """Whether the kernels cover this call (else the reference runs)."""
+    B, Hq, T, D = q.shape
+    Hkv = full_k.shape[1]
+    if T != 1 or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or full_k.dtype != q.dtype:
+        return False
+    if Hq % Hkv or Hq // Hkv > 16 or D % 16 or D > 256:
+        return False
+    if (k_bits < 16 or v_bits < 16) and (group < 1 or D % group):
+        return False
+    for g in groups:
+        if k_bits == 16 and g.k.dtype != q.dtype or v_bits == 16 and g.v.dtype != q.dtype:
+            return False
+    return True
+
+
+def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, groups: list, middle_len: int,
+                         k_bits: int, v_bits: int, group: int, scale: float | None = None,
+                         full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """As `leank.kernels.reference.compressed_attention`; decode (T == 1) runs on TileLang kernels."""
+    if not decode_supported(q, full_k, groups, k_bits, v_bits, group):
+        return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
+                                              full_lens, middle_lens)
+    B, Hq, _, D = q.shape
+    Hkv = full_k.shape[1]
+    R = Hq // Hkv
+    dt = _DTYPES[q.dtype]
+    dev = q.device
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    sl2 = float(scale * LOG2E)
+    sms = _sm_count(dev)
+    qf = q.reshape(B, Hq, D).contiguous()
+    fk, fv = _capacity_view(full_k), _capacity_view(full_v)
+    F = full_k.shape[2]
+    lens_dummy = _dummy(dev, torch.int32).view(1)
+    f_lens = full_lens.to(device=dev, dtype=torch.int32).contiguous() if full_lens is not None else lens_dummy
+    m_lens = middle_lens.to(device=dev, dtype=torch.int32).contiguous() if middle_lens is not None else lens_dummy
+
+    n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms)
+    mid = []
+    if middle_len > 0:
+        bm = middle_block(k_bits, v_bits, group)
+        for g in groups:
+            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms)))
+    n_mid = max((n for _, n, _ in mid), default=0)
+    S = n_full + n_mid
+    o_part = _empty((B, Hq, S, D), torch.float32, dev)
+    lse_part = _empty((B, Hq, S), torch.float32, dev)
+    out = _empty((B, Hq, D), q.dtype, dev)
+
+    kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK))(
+        qf, fk, fv, f_lens, o_part, lse_part, F, chunk_full, n_full, sl2)
+    f16_dummy = _dummy(dev, torch.float16)
+    for g, n, chunk in mid:
+        c = g.channels.shape[1]
+        spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, bm)
+        ks, km = (g.k_scale, g.k_min) if k_bits < 16 else (f16_dummy, f16_dummy)
+        vs, vm = (g.v_scale, g.v_min) if v_bits < 16 else (f16_dummy, f16_dummy)
+        kernel(spec)(qf, g.heads, g.channels, g.k, ks, km, g.v, vs, vm, m_lens, o_part, lse_part,
+                     middle_len, chunk, n, n_full, sl2)
+    kernel(("combine", D, dt))(o_part, lse_part, out)
+    return out.view(B, Hq, 1, D)
+
+
+def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bits: int, v_bits: int, group: int,
+                 per_sequence_lengths: bool = False) -> list[tuple]:
+    """The kernel specs one decode configuration uses (for `precompile`)."""
+    dt = _DTYPES[dtype]
+    specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK), ("combine", head_dim, dt)]
+    for c in sorted(set(int(c) for c in kept_counts if c > 0)):
+        specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths,
+                      middle_block(k_bits, v_bits, group)))
+    return specs
+
+
+def quantize_specs(n_channels: int, bits: int, group: int, dtype: torch.dtype, kind: str) -> tuple:
+    return (kind, n_channels, bits, group, _DTYPES[dtype])
+
+
+def ops() -> SimpleNamespace:
+    """The namespace `leank.kernels.dispatch` hands the cache on CUDA."""
+    return SimpleNamespace(name="tilelang", quantize_k=quantize_k, quantize_v=quantize_v,
+                           compressed_attention=compressed_attention)

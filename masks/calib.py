@@ -199,14 +199,15 @@ def calibration_mask(model, ratio: float, align: int = 16, n_tokens: int = DEFAU
                      progress: Callable[[int, int], None] | None = None) -> Mask:
     """A mask pruning `ratio` of `model`'s K channels by calibrated |q|*|k| importance (see module doc).
 
-    `model` is a loaded `leank.Model`; anything with a `.path` (e.g. a header) is loaded on the CPU first.
+    `model` is a loaded `leank.Model`; anything else with a `.path` (e.g. a header) is loaded first, on
+    the GPU when there is one (calibration runs the whole model: it needs the memory of `leank.load`).
     """
     from leank.masks.binarize import binarize
 
     if not hasattr(model, "transformer"):
         from leank.runtime.engine import load
 
-        model = load(model.path, device="cpu")
+        model = load(model.path, device="auto")
     if n_tokens < 2 * SKIP_POSITIONS:
         raise LeankError(f"calibration needs at least {2 * SKIP_POSITIONS} tokens, got {n_tokens}")
     sequences = calibration_sequences(model, n_tokens, seq_len, seed)

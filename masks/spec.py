@@ -3,7 +3,8 @@
 SPEC is one of:
 - `ones` (keep every channel: the compressed cache without pruning);
 - `freq:RATIO` (training-free, RoPE frequencies), e.g. `freq:0.7`;
-- `calib:RATIO` (training-free, |q|*|k| statistics of the model on generated text; loads the model);
+- `calib:RATIO` or `calib:RATIO:TOKENS` (training-free, |q|*|k| statistics of the model over TOKENS tokens
+  of generated text, default 4096; loads and runs the model);
 - a native mask file (`.safetensors`, written by `leank mask make` or `Mask.save`);
 - a LeanK released mask (`.pth`), put into the model's GGUF channel order;
 - LeanK stage-1 scaling factors (`.tsv`, or `FILE.tsv:RATIO`), binarized at RATIO (default 0.7);
@@ -31,6 +32,12 @@ def _ratio(text: str, spec: str) -> float:
     if not 0.0 <= r <= 1.0:
         raise LeankError(f"mask spec {spec!r}: the ratio must be within [0, 1]")
     return r
+
+
+def _count(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 1 << 24:
+        raise LeankError(f"mask spec {spec!r}: {text!r} is not a token count like 4096")
+    return int(text)
 
 
 def split_tsv_spec(spec: str) -> tuple[Path, float] | None:
@@ -80,9 +87,11 @@ def resolve_mask(spec: str, model, align: int | None = None, *, progress=None) -
 
         mask = frequency_mask(args, _ratio(spec[5:], spec), align)
     elif spec.startswith("calib:"):
-        from leank.masks.calib import calibration_mask
+        from leank.masks.calib import DEFAULT_TOKENS, calibration_mask
 
-        mask = calibration_mask(model, _ratio(spec[6:], spec), align, progress=progress)
+        ratio, _, tokens = spec[6:].partition(":")
+        n_tokens = _count(tokens, spec) if tokens else DEFAULT_TOKENS
+        mask = calibration_mask(model, _ratio(ratio, spec), align, n_tokens=n_tokens, progress=progress)
     elif tsv is not None:
         from leank.masks.importers import import_stage1_tsv
 

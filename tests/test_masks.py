@@ -261,8 +261,8 @@ def test_calibration_statistics_equal_a_direct_computation(make_tiny):
     captured = {}
     original = Attention.qkv
 
-    def spy(self, x, cos, sin):
-        q, k, v = original(self, x, cos, sin)
+    def spy(self, *args, **kwargs):
+        q, k, v = original(self, *args, **kwargs)
         captured.setdefault(self.layer, []).append((q.detach().clone(), k.detach().clone()))
         return q, k, v
 
@@ -330,8 +330,8 @@ def test_every_spec_kind_resolves_for_a_model(tmp_path, make_tiny):
     assert resolve_mask("ones", h).kept.all()
     freq = resolve_mask("freq:0.5", h, align=8)
     assert freq.provenance.method == "freq" and freq.kept_fraction == 0.5
-    calib = resolve_mask("calib:0.5", h, align=8)
-    assert calib.provenance.method == "calib" and calib.shape == shape
+    calib = resolve_mask("calib:0.5:600", h, align=8)
+    assert calib.provenance.method == "calib" and calib.shape == shape and calib.provenance.extra["tokens"] == 600
     native = tmp_path / "m.safetensors"
     calib.save(native)
     assert resolve_mask(str(native), h) == calib
@@ -360,6 +360,8 @@ def test_spec_mismatches_are_clear_errors(tmp_path, make_tiny):
         resolve_mask(str(tmp_path / "missing.safetensors"), h)
     with pytest.raises(LeankError, match="not a ratio"):
         resolve_mask("calib:lots", h)
+    with pytest.raises(LeankError, match="not a token count"):
+        resolve_mask("calib:0.5:many", h)
     with pytest.raises(LeankError, match=r"within \[0, 1\]"):
         resolve_mask("freq:1.5", h)
     with pytest.raises(LeankError, match="needs --model"):

@@ -119,7 +119,7 @@ def _read_mask(f, where: str) -> Mask:
     kept = torch.from_numpy(bits.astype(bool)).reshape(shape)
     prov = Provenance(
         method=str(f.get(K_MASK_METHOD, "unknown")),
-        ratio=_opt(f.get(K_MASK_RATIO), float),
+        ratio=_float32_ratio(f.get(K_MASK_RATIO)),
         align=_opt(f.get(K_MASK_ALIGN), int),
         source=str(f.get(K_MASK_SOURCE, "")),
         steps=_opt(f.get(K_MASK_STEPS), int),
@@ -140,6 +140,11 @@ def _read_extra(text, where: str) -> dict:
                                               for k, v in extra.items()):
         raise LeankError(f"{where}: {K_MASK_EXTRA} is not a JSON object of plain values")
     return extra
+
+def _float32_ratio(value) -> float | None:
+    # stored as float32: 0.7 reads back as 0.699999988; six decimals give back what was written
+    value = _opt(value, float)
+    return None if value is None else round(value, 6)
 
 def _opt(value, kind):
     return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -336,6 +336,7 @@ def test_default_model_round_trip_and_byte_identical_tensors(converted_default, 
     result, f = converted_default
     meta = read_leank_metadata(f, read_model_args(f))
     assert meta.policy == result.policy and meta.mask == result.policy.mask
+    assert meta.mask.provenance == result.policy.mask.provenance  # ratio 0.7 survives float32
     assert meta.mask.shape == (30, 3, 64) and meta.mask.kept_fraction == pytest.approx(0.25)
     assert_same_except_leank(Path(default_model_path), result.output, f)
     assert result.bytes_written > 90e6

@@ -30,7 +30,8 @@ def _root(
 
 def _register() -> None:
     from leank.cli import chat, generate, info, perplexity  # noqa: F401
-    from leank.cli import convert, mask  # noqa: F401
+    from leank.cli import evaluate  # noqa: F401
+    from leank.cli import convert, mask, mask_train  # noqa: F401
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -10,15 +10,16 @@ which refuses anything but tensors and plain containers; sizes are capped before
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from leank.errors import LeankError
 from leank.masks.mask import Mask, Provenance
 
 MAX_IMPORT_BYTES = 64 << 20  # a 128-layer, 64-KV-head, 256-dim float32 mask is 8 MiB; refuse far beyond
+MAX_MASK_ELEMENTS = 1 << 24  # a tensor's claimed size can exceed its storage (zero strides): cap it too
 
 
 def _supported_arch(arch: str) -> str:
@@ -62,8 +63,12 @@ def import_leank_pth(path: str | Path, arch: str | None) -> Mask:
                          f"({type(e).__name__}: {first[:200]})") from None
     if not isinstance(obj, torch.Tensor):
         raise LeankError(f"{path}: expected one tensor (layers, kv_heads, head_dim), found a {type(obj).__name__}")
+    if obj.layout != torch.strided or obj.is_quantized:
+        raise LeankError(f"{path}: expected a plain dense tensor, found a {obj.layout} one")
     if obj.dim() != 3 or 0 in obj.shape:
         raise LeankError(f"{path}: expected a 3-D tensor (layers, kv_heads, head_dim), found shape {tuple(obj.shape)}")
+    if obj.numel() > MAX_MASK_ELEMENTS:
+        raise LeankError(f"{path}: a mask of shape {tuple(obj.shape)} is far too large")
     if obj.is_complex() or not bool(((obj == 0) | (obj == 1)).all()):
         raise LeankError(f"{path}: mask values must all be 0 or 1")
     if obj.shape[-1] % 2:
@@ -96,15 +101,15 @@ def read_stage1_tsv(path: str | Path, n_kv_heads: int, head_dim: int) -> torch.T
             raise LeankError(f"{path}: line {n} has {len(fields)} values; the model needs {n_kv_heads} KV heads x "
                              f"{head_dim} channels = {width}")
         try:
-            values = [float(v) for v in fields]
+            values = np.array(fields, dtype=np.float32)  # one line at a time: memory stays 4 bytes a value
         except ValueError:
             raise LeankError(f"{path}: line {n} holds a value that is not a number") from None
-        if not all(math.isfinite(v) for v in values):
+        if not np.isfinite(values).all():
             raise LeankError(f"{path}: line {n} holds NaN or infinity")
         rows.append(values)
     if not rows:
         raise LeankError(f"{path}: no scaling factors found")
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), n_kv_heads, head_dim)
+    return torch.from_numpy(np.stack(rows)).reshape(len(rows), n_kv_heads, head_dim)
 
 
 def import_stage1_tsv(path: str | Path, n_kv_heads: int, head_dim: int, ratio: float, align: int,

@@ -290,7 +290,7 @@ def test_cli_convert_inspect_and_errors(tmp_path, tiny, capsys):
     assert leftovers(tmp_path) == ["out.gguf"]
 
 
-def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny):
+def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny, capsys):
     out = tmp_path / "out.gguf"
     r = convert(tiny, out, "freq:0.5", align=8, k_bits=4, v_bits=4, sink_tokens=4, recent_tokens=32)
     m = leank.load(out, device="cpu")
@@ -304,6 +304,13 @@ def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny):
     text = "".join(m.generate(ids, max_tokens=4, temperature=0))
     assert isinstance(text, str)
     assert m.new_cache().policy == r.policy
+    # the same through `leank generate`
+    for extra, k_bits in (([], 4), (["--k-bits", "2"], 2)):
+        g = run_cli(capsys, "generate", out, "-p", "hello", "-n", "2", "-t", "0", "--json", *extra)
+        assert g.returncode == 0, g.stderr
+        policy = json.loads(g.stdout)["policy"]
+        assert (policy["kind"], policy["k_bits"], policy["sink_tokens"]) == ("leank+kivi", k_bits, 4)
+        assert policy["mask"]["kept_fraction"] == r.policy.mask.kept_fraction
 
 
 def test_fingerprint_mismatch_is_a_clear_error(tmp_path, make_tiny, capsys):

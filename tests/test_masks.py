@@ -210,6 +210,15 @@ def test_pth_garbage_huge_and_unknown_arch_are_refused(tmp_path):
         f.truncate(65 << 20)
     with pytest.raises(LeankError, match="too large"):
         import_leank_pth(huge, "llama")
+    sparse = tmp_path / "sparse.pth"
+    torch.save(torch.zeros(2, 2, 64).to_sparse(), sparse)
+    with pytest.raises(LeankError, match="plain dense tensor"):
+        import_leank_pth(sparse, "llama")
+    strided = tmp_path / "zero-strides.pth"  # 2^31 claimed elements over a one-element storage
+    torch.save(torch.zeros(1).expand(4096, 4096, 128), strided)
+    assert strided.stat().st_size < 10_000
+    with pytest.raises(LeankError, match="far too large"):
+        import_leank_pth(strided, "llama")
     ok = tmp_path / "ok.pth"
     torch.save(torch.ones(2, 2, 64), ok)
     with pytest.raises(LeankError, match="no known channel order"):

@@ -1,0 +1,247 @@
+"""Compare cache policies on synthetic long-context tasks (`leank.runtime.tasks`) and by decode perplexity.
+
+Protocol, per sample:
+1. the context (chat prefix, instruction, document) is prefilled once into a dense cache: prefill
+   attention is dense under every policy, so one prefill serves them all;
+2. for each policy the dense cache is converted with `compress_cache(dense, policy, model.args)` (a dense
+   policy uses the dense cache itself, rewound afterwards);
+3. the question (end of the user turn, assistant header, first words of the answer) is fed as a second
+   chunk: it attends to the compressed past, as in a conversation whose document came earlier;
+4. the answer is greedy-decoded one token at a time through the decode path, at most
+   `len(answer_ids) + 8` tokens, stopping at an end-of-generation token or a newline;
+5. the reply is scored: `score` is the fraction of expected strings found in it as whole words (a
+   5-digit pass key inside a longer number does not count), `correct` is all of them found. Multi-value
+   and variable tracking thus get partial credit in `score` and exact match in `correct`.
+Accuracy in tables is the mean of `correct` over samples, in percent.
+
+Decode perplexity (`decode_perplexity`): `Model.perplexity(ids, decode_from=n, policy=...)` per policy,
+the first n tokens prefilled and every later token fed through the decode path, so that tokens leave
+the recent window and are compressed as in generation.
+
+Policies are named by a SPEC (`parse_policy`), the same on the command line and in Python.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from leank.errors import LeankError
+from leank.runtime.cache import DenseCache
+from leank.runtime.compressed import compress_cache
+from leank.runtime.policy import BITS, CachePolicy, build_policy
+from leank.runtime.tasks import Sample
+
+EXTRA_ANSWER_TOKENS = 8  # decoded beyond the expected answer's length, room for a differently worded reply
+
+_KIVI = re.compile(r"kivi(\d+)(?:/(\d+))?")
+_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens"}
+
+
+def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tokens: int | None = None,
+                 group_size: int | None = None, block_tokens: int | None = None) -> CachePolicy:
+    """The cache policy a SPEC names, for `model`.
+
+    SPEC := BASE ("," OPTION)*
+      BASE   := "dense" | KIVI | "leank:" MASK ["+" KIVI]
+      KIVI   := "kivi" BITS | "kivi" K_BITS "/" V_BITS      (bits 2, 4, 8; e.g. kivi4, kivi2, kivi4/2)
+      MASK   := a mask SPEC of `leank.masks.spec.resolve_mask`: freq:0.5, ones, a mask file, ...
+      OPTION := sink=N | recent=N | group=N | block=N       (this policy only)
+
+    Examples: `dense`, `kivi4`, `leank:freq:0.5`, `leank:freq:0.7+kivi4`, `leank:mask.safetensors+kivi2`,
+    `kivi2,recent=256,group=64`. The keyword arguments are shared settings (the CLI's --sink, --recent,
+    --group-size) that OPTIONs override; anything unset falls back to `build_policy`'s defaults (the
+    file's embedded policy, then the paper defaults sized to the model's context).
+    """
+    text = spec.strip()
+    base, *opts = text.split(",")
+    settings = {"sink_tokens": sink_tokens, "recent_tokens": recent_tokens, "group_size": group_size,
+                "block_tokens": block_tokens}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key.strip() not in _OPTIONS or not value.strip().isdigit():
+            raise LeankError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N or block=N")
+        settings[_OPTIONS[key.strip()]] = int(value)
+
+    def kivi_bits(part: str) -> tuple[int, int]:
+        m = _KIVI.fullmatch(part)
+        if m is None:
+            raise LeankError(f"policy {spec!r}: {part!r} is not kiviN or kiviK/V (e.g. kivi4, kivi4/2)")
+        k = int(m.group(1))
+        v = int(m.group(2)) if m.group(2) else k
+        if k not in BITS[:-1] or v not in BITS[:-1]:
+            raise LeankError(f"policy {spec!r}: KIVI bits must be 2, 4 or 8")
+        return k, v
+
+    if base == "dense":
+        return build_policy(model, kv="dense", **settings)
+    if base.startswith("kivi"):
+        k, v = kivi_bits(base)
+        return build_policy(model, kv="kivi", k_bits=k, v_bits=v, **settings)
+    if base.startswith("leank:") and len(base) > len("leank:"):
+        mask, plus, quant = base[len("leank:"):].rpartition("+")
+        if not plus or not _KIVI.fullmatch(quant):  # no "+kiviN" suffix: all of it is the mask
+            return build_policy(model, kv="leank", mask=base[len("leank:"):], **settings)
+        k, v = kivi_bits(quant)
+        return build_policy(model, kv="leank+kivi", mask=mask, k_bits=k, v_bits=v, **settings)
+    raise LeankError(f"policy {spec!r}: expected dense, kiviN, leank:MASK or leank:MASK+kiviN")
+
+
+def parse_policies(specs: Sequence[str], model, **shared) -> dict[str, CachePolicy]:
+    """{spec: policy} for several SPECs, in order (duplicates are an error: they would share a column)."""
+    out: dict[str, CachePolicy] = {}
+    for spec in specs:
+        if spec in out:
+            raise LeankError(f"policy {spec!r} is given twice")
+        try:
+            out[spec] = parse_policy(spec, model, **shared)
+        except LeankError as e:
+            raise LeankError(str(e) if str(e).startswith("policy ") else f"policy {spec!r}: {e}") from None
+    return out
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+def found(answer: str, reply: str) -> bool:
+    """`answer` appears in `reply` as a whole word (not inside a longer number, name or UUID)."""
+    return re.search(rf"(?<![\w-]){re.escape(answer)}(?![\w-])", reply) is not None
+
+
+def score_reply(reply: str, answers: Sequence[str]) -> float:
+    """The fraction of `answers` found in `reply`."""
+    return sum(found(a, reply) for a in answers) / len(answers)
+
+
+# --- running ----------------------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    text: str
+    tokens: int
+    score: float
+    correct: bool
+    seconds: float
+    middle_tokens: int  # tokens of the context held in the compressed middle region
+
+    def as_dict(self) -> dict:
+        return {"reply": self.text, "tokens": self.tokens, "score": self.score, "correct": self.correct,
+                "seconds": round(self.seconds, 3), "middle_tokens": self.middle_tokens}
+
+
+def _rewind(cache: DenseCache, n: int) -> None:
+    """Forget every token after the first n (the buffers are kept and overwritten later)."""
+    cache.lengths = [min(length, n) for length in cache.lengths]
+
+
+@torch.inference_mode()
+def _answer(model, cache, sample: Sample) -> tuple[str, int]:
+    """Feed the question, then greedy-decode the reply (see the module docstring)."""
+    transformer, tok = model.transformer, model.tokenizer
+    dev = model.device
+    x = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)
+    logits = transformer(x, cache, logits_for="last")[0, -1]
+    limit = min(len(sample.answer_ids) + EXTRA_ANSWER_TOKENS, model.args.context_length - cache.seq_len)
+    generated: list[int] = []
+    text = ""
+    while len(generated) < limit:
+        token = int(torch.argmax(logits))
+        if token in tok.eog_ids:
+            break
+        generated.append(token)
+        text = tok.detokenize(generated)
+        if "\n" in text.lstrip("\n"):
+            break
+        if len(generated) < limit:
+            logits = transformer(torch.tensor([[token]], dtype=torch.long, device=dev), cache, logits_for="last")[0, -1]
+    text = text.strip().split("\n")[0]
+    return text, len(generated)
+
+
+@torch.inference_mode()
+def run_sample(model, sample: Sample, policies: dict[str, CachePolicy],
+               on_policy: Callable[[str], None] | None = None) -> dict[str, Reply]:
+    """Every policy's reply to `sample` (the protocol in the module docstring)."""
+    n = len(sample.context_ids)
+    a = model.args
+    dense = DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, device=model.device, dtype=model.dtype,
+                       capacity=sample.prompt_tokens + len(sample.answer_ids) + EXTRA_ANSWER_TOKENS)
+    model.transformer(torch.tensor([sample.context_ids], dtype=torch.long, device=model.device), dense,
+                      logits_for="last")
+    out: dict[str, Reply] = {}
+    for name, policy in policies.items():
+        t0 = time.perf_counter()
+        cache = dense if policy.is_dense else compress_cache(dense, policy, a)
+        middle = 0 if policy.is_dense else cache.nbytes().extra.get("middle_tokens", 0)
+        text, count = _answer(model, cache, sample)
+        if cache is dense:
+            _rewind(dense, n)
+        score = score_reply(text, sample.answers)
+        out[name] = Reply(text, count, score, score == 1.0, time.perf_counter() - t0, middle)
+        if on_policy:
+            on_policy(name)
+    return out
+
+
+def check_policies(policies: dict[str, CachePolicy], model) -> None:
+    """Raise before any work for a policy the model cannot run."""
+    a = model.args
+    if not policies:
+        raise LeankError("no cache policy to evaluate")
+    for name, p in policies.items():
+        try:
+            p.validate(a.n_layers, a.n_kv_heads, a.head_dim, a.context_length)
+        except LeankError as e:
+            raise LeankError(f"policy {name!r}: {e}") from None
+
+
+def evaluate(model, samples: Sequence[Sample], policies: dict[str, CachePolicy],
+             progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Run every sample under every policy; one record per sample (its description and each reply).
+
+    `progress(done, total, what)` is called after each (sample, policy) pair.
+    """
+    check_policies(policies, model)
+    total = len(samples) * len(policies)
+    done = 0
+    records = []
+    for sample in samples:
+        def tick(name: str, sample=sample) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total, f"{sample.task} {sample.length} @{sample.depth:g} {name}")
+
+        replies = run_sample(model, sample, policies, on_policy=tick)
+        records.append({**sample.describe(), "replies": {k: r.as_dict() for k, r in replies.items()}})
+    return records
+
+
+def summarize(records: Sequence[dict], policies: Sequence[str]) -> list[dict]:
+    """One row per (task, length): samples, and per policy accuracy (% exact) and mean score (%)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for r in records:
+        row = rows.setdefault((r["task"], r["length"]), {"task": r["task"], "length": r["length"], "samples": 0,
+                                                        "accuracy": {p: 0.0 for p in policies},
+                                                        "score": {p: 0.0 for p in policies}})
+        row["samples"] += 1
+        for p in policies:
+            row["accuracy"][p] += r["replies"][p]["correct"]
+            row["score"][p] += r["replies"][p]["score"]
+    for row in rows.values():
+        for key in ("accuracy", "score"):
+            row[key] = {p: 100.0 * v / row["samples"] for p, v in row[key].items()}
+    return list(rows.values())
+
+
+def decode_perplexity(model, ids: Sequence[int], policies: dict[str, CachePolicy], decode_from: int = 64,
+                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict]:
+    """{policy: Model.perplexity result} with tokens after `decode_from` fed through the decode path."""
+    check_policies(policies, model)
+    out = {}
+    for name, policy in policies.items():
+        cb = None if progress is None else (lambda d, t, name=name: progress(d, t, name))
+        result = model.perplexity(ids, decode_from=decode_from, policy=policy, progress=cb)
+        out[name] = {k: result[k] for k in ("tokens", "scored", "nll", "perplexity")}
+        out[name]["cache"] = result["cache"]
+    return out

@@ -173,6 +173,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch-zip", "raw-pickle"])
 def test_malicious_pickle_fails_cleanly_without_running(tmp_path, container):
     marker = tmp_path / "pwned"

@@ -8,6 +8,7 @@ read-only and never modified.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False, drop_
     tmp = parent / f".{dst.name}.leank-tmp-{os.getpid()}"
     t0 = time.perf_counter()
     written = 0
+    writer = None
     try:
         writer = gguf.GGUFWriter(str(tmp), src.architecture)
         alignment = src.get("general.alignment")
@@ -116,7 +118,11 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False, drop_
         _fsync_dir(parent)
     except OSError as e:
         raise LeankError(f"{dst}: writing failed ({e.strerror or e}); no output was left behind") from e
+    except (ValueError, TypeError, OverflowError, struct.error) as e:  # gguf-py refusing a value
+        raise LeankError(f"{dst}: cannot write this file ({type(e).__name__}: {e}); no output was left behind") from e
     finally:
+        if writer is not None:
+            writer.close()  # idempotent; releases the descriptor when a failure came mid-write
         if tmp.exists():
             try:
                 tmp.unlink()

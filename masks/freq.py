@@ -6,6 +6,8 @@ masks keep mostly low-frequency channels too; this mask is the prior without tra
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from leank.errors import LeankError
@@ -21,7 +23,8 @@ def kept_per_head(head_dim: int, ratio: float, align: int) -> int:
         raise LeankError(f"align must be one of {ALIGNMENTS}, got {align}")
     if head_dim % align:
         raise LeankError(f"align {align} does not divide head_dim {head_dim}")
-    return int(round((1.0 - ratio) * head_dim / align)) * align
+    # halves round up, as `leank.masks.binarize` rounds each head's count
+    return int(math.floor((1.0 - ratio) * head_dim / align + 0.5)) * align
 
 
 def frequency_mask(args, ratio: float, align: int = 16) -> Mask:

@@ -64,12 +64,13 @@ def kv_summary(policy, args, ctx: int, full_bytes_per_element: int = 2) -> dict:
 
 
 def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
+    """Everything `leank info` shows; `path` may be an already opened `ModelHeader`."""
     from leank.convert.schema import read_leank_metadata
     from leank.kernels.dispatch import active_path
     from leank.runtime.engine import resolve_device
     from leank.runtime.policy import build_policy
 
-    h = open_header(path)
+    h = path if isinstance(path, ModelHeader) else open_header(path)
     a, f = h.args, h.file
     policy = build_policy(h, **policy_options)
     ctx = ctx or a.context_length

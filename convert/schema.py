@@ -62,7 +62,7 @@ def k_fingerprint(f) -> str:
     for name in names:
         t = f.tensors[name]
         h.update(name.encode())
-        h.update(np.ascontiguousarray(t.data).view(np.uint8).tobytes())
+        h.update(f.raw_bytes(t.data_offset, t.n_bytes))
     return "sha256:" + h.hexdigest()
 
 def leank_keys(f) -> list[str]:
@@ -109,10 +109,10 @@ def _read_mask(f, where: str) -> Mask:
     if f.get(K_MASK_ORDER, "gguf") != "gguf":
         raise LeankError(f"{where}: unknown channel order {f.get(K_MASK_ORDER)!r}")
     n = shape[0] * shape[1] * shape[2]
-    field = f.reader.fields.get(K_MASK_BITS)
-    if field is None:
-        raise LeankError(f"{where}: {K_MASK_BITS} is missing")
-    packed = np.asarray([field.parts[i][0] for i in field.data], dtype=np.int64) if field.data else np.zeros(0, np.int64)
+    packed = f.array(K_MASK_BITS)
+    if packed is None:
+        raise LeankError(f"{where}: {K_MASK_BITS} is missing or not a numeric array")
+    packed = packed.astype(np.int64)
     if packed.size != (n + 7) // 8 or packed.min(initial=0) < 0 or packed.max(initial=0) > 255:
         raise LeankError(f"{where}: {K_MASK_BITS} holds {packed.size} bytes, expected {(n + 7) // 8}")
     bits = np.unpackbits(packed.astype(np.uint8), bitorder="little")[:n]

@@ -1,9 +1,10 @@
 """Rewrite a GGUF file: copy its metadata and tensors, changing only what is asked.
 
-Streams: tensor bytes go from the input to the output in chunks with plain reads (no memory map, so
-RSS stays small whatever the model's size). Atomic: the output is written to a temporary file beside the
-target, flushed to disk, then renamed; any failure removes the temporary file. The input is opened
-read-only and never modified.
+Byte-faithful: every kept metadata record and every untouched tensor is copied as raw bytes from the
+input, so nothing is re-encoded (and nothing can drift). Streams: tensor bytes go from the input to the
+output in chunks with plain reads, so RSS stays small whatever the model's size. Atomic: the output is
+written to a temporary file beside the target, flushed to disk, then renamed; any failure removes the
+temporary file. The input is opened read-only and never modified.
 """
 from __future__ import annotations
 
@@ -31,98 +32,139 @@ class CopyStats:
         return self.bytes_written / 1e6 / self.seconds if self.seconds else float("inf")
 
 
-def _copy_field(writer, field) -> None:
-    import gguf
+class MetadataRecords:
+    """New metadata records, encoded as GGUF key/value bytes. Offers the `add_*` methods of
+    `gguf.GGUFWriter` that `leank.convert.schema.write_leank_metadata` uses."""
 
-    V = gguf.GGUFValueType
-    main = field.types[0]
-    value = field.contents()
-    if main == V.ARRAY:
-        sub = field.types[-1] if len(field.types) > 1 else V.UINT8
-        if sub == V.ARRAY:
-            raise LeankError(f"metadata key {field.name!r} holds nested arrays, which leank cannot copy")
-        writer.add_key_value(field.name, value, V.ARRAY, sub)
-    else:
-        writer.add_key_value(field.name, value, main)
+    def __init__(self):
+        self.records: list[tuple[str, bytes]] = []
+
+    @staticmethod
+    def _string(s: str) -> bytes:
+        b = s.encode("utf-8")
+        return struct.pack("<Q", len(b)) + b
+
+    def _scalar(self, vtype: int, value) -> bytes:
+        from leank.runtime.gguf_file import _SCALARS, BOOL, STRING
+
+        if vtype == STRING:
+            return self._string(str(value))
+        if vtype not in _SCALARS:
+            raise LeankError(f"cannot encode a metadata value of type {vtype}")
+        return np.array([bool(value) if vtype == BOOL else value], dtype=_SCALARS[vtype]).tobytes()
+
+    def add_key_value(self, key: str, value, vtype, sub_type=None) -> None:
+        from leank.runtime.gguf_file import ARRAY
+
+        vtype = int(vtype)
+        body = struct.pack("<I", vtype)
+        if vtype == ARRAY:
+            sub = int(sub_type)
+            body += struct.pack("<IQ", sub, len(value)) + b"".join(self._scalar(sub, v) for v in value)
+        else:
+            body += self._scalar(vtype, value)
+        self.records = [r for r in self.records if r[0] != key] + [(key, self._string(key) + body)]
+
+    def add_uint32(self, key: str, value: int) -> None:
+        self.add_key_value(key, int(value), 4)
+
+    def add_float32(self, key: str, value: float) -> None:
+        self.add_key_value(key, float(value), 6)
+
+    def add_string(self, key: str, value: str) -> None:
+        self.add_key_value(key, value, 8)
+
+    def add_array(self, key: str, values) -> None:
+        values = list(values)
+        if all(isinstance(v, str) for v in values):
+            sub = 8
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            sub = 5  # int32, as gguf-py writes Python ints
+        else:
+            sub = 6
+        self.add_key_value(key, values, 9, sub)
 
 
-def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False, drop_keys: Callable[[str], bool] = lambda k: False,
-                 add_metadata: Callable[[object], None] | None = None,
-                 transform: Callable[[object], tuple[np.ndarray, object] | None] | None = None,
+def _pad(n: int, alignment: int) -> int:
+    return (-n) % alignment
+
+
+def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
+                 drop_keys: Callable[[str], bool] = lambda k: False,
+                 add_metadata: Callable[[MetadataRecords], None] | None = None,
+                 transform: Callable[[object, np.ndarray], tuple[np.ndarray, object] | None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> CopyStats:
-    """Write `dst` from `src` (a `GGUFFile`): every metadata key except those `drop_keys` selects, then
-    `add_metadata(writer)`, then every tensor, byte for byte unless `transform(tensor)` returns
-    `(array, raw_dtype)` to store instead.
+    """Write `dst` from `src` (a `GGUFFile`): every metadata record except those `drop_keys` selects,
+    then the records `add_metadata(records)` adds (replacing same-named ones), then every tensor, byte for
+    byte unless `transform(tensor_info, data)` returns `(array, ggml_type)` to store instead.
     """
-    import gguf
-
     dst = Path(dst)
     if dst.exists() and not force:
         raise LeankError(f"{dst}: already exists (use --force to overwrite)")
     if dst.exists() and dst.is_dir():
         raise LeankError(f"{dst}: is a directory")
-    if dst.resolve() == Path(src.path).resolve():
+    if dst.exists() and dst.resolve() == Path(src.path).resolve():
         raise LeankError(f"{dst}: is the input file; write to another path")
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise LeankError(f"{parent}: no such directory")
     if not os.access(parent, os.W_OK):
         raise LeankError(f"{parent}: directory is not writable")
+
+    new = MetadataRecords()
+    if add_metadata is not None:
+        add_metadata(new)
+    added = {name for name, _ in new.records}
+    kept = [f for f in src.fields.values() if not drop_keys(f.name) and f.name not in added]
+    plan = []  # (tensor info, replacement array or None, ggml type, nbytes)
+    for t in src.tensors.values():
+        out = transform(t, src.tensor_data(t)) if transform is not None else None
+        if out is None:
+            plan.append((t, None, t.tensor_type, t.n_bytes))
+        else:  # same logical shape, another type
+            from gguf.constants import GGML_QUANT_SIZES
+
+            array, qtype = out
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            if array.nbytes != t.n_elements // block * type_size:
+                raise LeankError(f"{t.name}: {array.nbytes} bytes do not hold its {t.n_elements} elements as {qtype.name}")
+            plan.append((t, np.ascontiguousarray(array), qtype, array.nbytes))
+    alignment = src.alignment
+    total = sum(n for *_, n in plan)
+
     tmp = parent / f".{dst.name}.leank-tmp-{os.getpid()}"
     t0 = time.perf_counter()
     written = 0
-    writer = None
     try:
-        writer = gguf.GGUFWriter(str(tmp), src.architecture)
-        alignment = src.get("general.alignment")
-        for name, field in src.reader.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture" or drop_keys(name):
-                continue
-            if name == "general.alignment":
-                writer.add_custom_alignment(int(alignment))
-                continue
-            _copy_field(writer, field)
-        if add_metadata is not None:
-            add_metadata(writer)
-        plan = []
-        for t in src.reader.tensors:
-            new = transform(t) if transform is not None else None
-            if new is None:
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-                plan.append((t, None, int(t.n_bytes)))
-            else:
-                array, raw = new
-                writer.add_tensor_info(t.name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
-                plan.append((t, array, array.nbytes))
-        total = sum(n for _, _, n in plan)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        with open(src.path, "rb") as fin:
-            for t, array, nbytes in plan:
+        with open(tmp, "wb") as fout, open(src.path, "rb") as fin:
+            fout.write(b"GGUF" + struct.pack("<IQQ", src.version, len(plan), len(kept) + len(new.records)))
+            for f in kept:
+                fout.write(src.raw_bytes(f.offset, f.nbytes))
+            for _, record in new.records:
+                fout.write(record)
+            offset = 0
+            for t, _, qtype, nbytes in plan:
+                name = t.name.encode("utf-8")
+                fout.write(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(t.shape)))
+                fout.write(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", int(qtype), offset))
+                offset += nbytes + _pad(nbytes, alignment)
+            fout.write(b"\0" * _pad(fout.tell(), alignment))
+            for t, array, _, nbytes in plan:
                 if array is None:
                     _stream_bytes(fin, fout, t.data_offset, nbytes)
                 else:
                     array.tofile(fout)
-                writer.write_padding(fout, nbytes)
+                fout.write(b"\0" * _pad(nbytes, alignment))
                 written += nbytes
                 if progress:
                     progress(written, total)
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
+            fout.flush()
+            os.fsync(fout.fileno())
         os.replace(tmp, dst)
         _fsync_dir(parent)
     except OSError as e:
         raise LeankError(f"{dst}: writing failed ({e.strerror or e}); no output was left behind") from e
-    except (ValueError, TypeError, OverflowError, struct.error) as e:  # gguf-py refusing a value
-        raise LeankError(f"{dst}: cannot write this file ({type(e).__name__}: {e}); no output was left behind") from e
     finally:
-        if writer is not None:
-            writer.close()  # idempotent; releases the descriptor when a failure came mid-write
         if tmp.exists():
             try:
                 tmp.unlink()
@@ -164,10 +206,10 @@ def write_float32_copy(src_path, dst_path, force: bool = True) -> Path:
 
     src = GGUFFile(src_path)
 
-    def to_f32(t):
+    def to_f32(t, data):
         if t.tensor_type == gguf.GGMLQuantizationType.F32:
             return None
-        return dequantize(t, src.path).astype(np.float32), gguf.GGMLQuantizationType.F32
+        return dequantize(data, t.tensor_type, t.name, src.path).astype(np.float32), gguf.GGMLQuantizationType.F32
 
     # general.file_type describes the old quantization; drop it rather than lie
     rewrite_gguf(src, dst_path, force=force, drop_keys=lambda k: k == "general.file_type", transform=to_f32)

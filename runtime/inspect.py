@@ -30,7 +30,7 @@ def open_header(path) -> ModelHeader:
 
 
 def count_parameters(f: GGUFFile) -> int:
-    return sum(int(t.n_elements) for t in f.reader.tensors)
+    return sum(t.n_elements for t in f.tensors.values())
 
 
 def kv_summary(policy, args, ctx: int, full_bytes_per_element: int = 2) -> dict:

@@ -78,7 +78,7 @@ def assert_same_except_leank(src: Path, dst: Path, out: GGUFFile) -> None:
     Uses the output's parsed layout only: the input's metadata bytes, tensor table and tensor data must
     reappear unchanged around the added keys."""
     a, b = src.read_bytes(), dst.read_bytes()
-    fields = [f for name, f in out.reader.fields.items() if not name.startswith("GGUF.")]
+    fields = list(out.fields.values())
     leank_fields = [f for f in fields if f.name.startswith(PREFIX)]
     assert leank_fields and all(f.name.startswith(PREFIX) for f in fields[len(fields) - len(leank_fields):]), \
         "the leank keys come after every original key"
@@ -87,13 +87,13 @@ def assert_same_except_leank(src: Path, dst: Path, out: GGUFFile) -> None:
     assert n_kv_out == n_kv_in + len(leank_fields)
     first_leank = leank_fields[0].offset
     assert a[24:first_leank] == b[24:first_leank], "every original key and value, byte for byte"
-    infos = [t.field for t in out.reader.tensors]
-    info_start = infos[0].offset
-    info_end = infos[-1].offset + sum(p.nbytes for p in infos[-1].parts)
+    infos = list(out.tensors.values())
+    info_start = infos[0].info_offset
+    info_end = infos[-1].info_offset + infos[-1].info_nbytes
     n_info = info_end - info_start
     assert a[first_leank : first_leank + n_info] == b[info_start:info_end], "tensor table unchanged"
     alignment = out.get("general.alignment", 32)
-    data_out = min(t.data_offset for t in out.reader.tensors)
+    data_out = min(t.data_offset for t in out.tensors.values())
     data_in = first_leank + n_info + (-(first_leank + n_info)) % alignment
     assert data_out == info_end + (-info_end) % alignment
     assert len(a) - data_in == len(b) - data_out and a[data_in:] == b[data_out:], "tensor data byte-identical"
@@ -121,7 +121,7 @@ def test_round_trip_tiny_llama(tmp_path, tiny):
     for name in src.keys():  # values and types, key by key
         assert f.get(name) == src.get(name) and f.field_type(name) == src.field_type(name), name
     assert set(f.keys()) - set(src.keys()) == {k for k in f.keys() if k.startswith(PREFIX)}
-    assert [t.name for t in f.reader.tensors] == [t.name for t in src.reader.tensors]
+    assert list(f.tensors) == list(src.tensors)
     assert leftovers(tmp_path) == ["out.gguf"]
 
 

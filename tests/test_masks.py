@@ -302,10 +302,10 @@ def test_calibration_prunes_dead_channels_first(tmp_path, make_tiny):
     head_dim, head, pair = 16, 1, 3  # interleaved RoPE: pair 3 is channels 6 and 7
     rows = [head * head_dim + 2 * pair, head * head_dim + 2 * pair + 1]
 
-    def zero_pair(t):
+    def zero_pair(t, data):
         if t.name != "blk.1.attn_k.weight":
             return None
-        w = np.array(t.data, dtype=np.float32)
+        w = np.array(data, dtype=np.float32)
         w[rows] = 0.0
         return w, gguf.GGMLQuantizationType.F32
 

@@ -8,7 +8,9 @@ Protocol, per sample:
 3. the question (end of the user turn, assistant header, first words of the answer) is fed as a second
    chunk: it attends to the compressed past, as in a conversation whose document came earlier;
 4. the answer is greedy-decoded one token at a time through the decode path, at most
-   `len(answer_ids) + 8` tokens, stopping at an end-of-generation token or a newline;
+   `max_new_tokens(sample)` tokens (the expected answer's and some room), stopping at an
+   end-of-generation token and, for single-answer tasks, at the end of the reply's first line (lists
+   of answers may run over several lines);
 5. the reply is scored: `score` is the fraction of expected strings found in it as whole words (a
    5-digit pass key inside a longer number does not count), `correct` is all of them found. Multi-value
    and variable tracking thus get partial credit in `score` and exact match in `correct`.
@@ -36,6 +38,7 @@ from leank.runtime.policy import BITS, CachePolicy, build_policy
 from leank.runtime.tasks import Sample
 
 EXTRA_ANSWER_TOKENS = 8  # decoded beyond the expected answer's length, room for a differently worded reply
+EXTRA_LIST_TOKENS = 4  # more per further answer: a list may be numbered, one answer a line
 
 _KIVI = re.compile(r"kivi(\d+)(?:/(\d+))?")
 _OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens"}
@@ -129,6 +132,11 @@ class Reply:
                 "seconds": round(self.seconds, 3), "middle_tokens": self.middle_tokens}
 
 
+def max_new_tokens(sample: Sample) -> int:
+    """The most tokens decoded for a reply: the expected answer's, and room for other wordings."""
+    return len(sample.answer_ids) + EXTRA_ANSWER_TOKENS + EXTRA_LIST_TOKENS * (len(sample.answers) - 1)
+
+
 def _rewind(cache: DenseCache, n: int) -> None:
     """Forget every token after the first n (the buffers are kept and overwritten later)."""
     cache.lengths = [min(length, n) for length in cache.lengths]
@@ -141,7 +149,8 @@ def _answer(model, cache, sample: Sample) -> tuple[str, int]:
     dev = model.device
     x = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)
     logits = transformer(x, cache, logits_for="last")[0, -1]
-    limit = min(len(sample.answer_ids) + EXTRA_ANSWER_TOKENS, model.args.context_length - cache.seq_len)
+    limit = min(max_new_tokens(sample), model.args.context_length - cache.seq_len)
+    single = len(sample.answers) == 1  # one answer ends with its line; lists may run over several
     generated: list[int] = []
     text = ""
     while len(generated) < limit:
@@ -150,12 +159,12 @@ def _answer(model, cache, sample: Sample) -> tuple[str, int]:
             break
         generated.append(token)
         text = tok.detokenize(generated)
-        if "\n" in text.lstrip("\n"):
+        if single and "\n" in text.strip():
             break
         if len(generated) < limit:
             logits = transformer(torch.tensor([[token]], dtype=torch.long, device=dev), cache, logits_for="last")[0, -1]
-    text = text.strip().split("\n")[0]
-    return text, len(generated)
+    text = text.strip()
+    return (text.split("\n")[0] if single else text), len(generated)
 
 
 @torch.inference_mode()
@@ -165,7 +174,7 @@ def run_sample(model, sample: Sample, policies: dict[str, CachePolicy],
     n = len(sample.context_ids)
     a = model.args
     dense = DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, device=model.device, dtype=model.dtype,
-                       capacity=sample.prompt_tokens + len(sample.answer_ids) + EXTRA_ANSWER_TOKENS)
+                       capacity=sample.prompt_tokens + max_new_tokens(sample))
     model.transformer(torch.tensor([sample.context_ids], dtype=torch.long, device=model.device), dense,
                       logits_for="last")
     out: dict[str, Reply] = {}

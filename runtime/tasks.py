@@ -2,7 +2,8 @@
 
 Four tasks, after RULER's and LeanK's:
 - `passkey`: a 5-digit pass key hidden once in the filler;
-- `multikey`: UUID-like key -> value needles, one asked about, the others distractors;
+- `multikey`: UUID-like key -> value needles, one asked about, the others distractors (4 keys in all,
+  as RULER's niah_multikey_1);
 - `multivalue`: one key with four 7-digit values scattered through the document; all four are asked for;
 - `vartrack`: chains of assignments (`VAR QXJBT = 12345.`, `VAR PLMNO = VAR QXJBT.`, ...), a target chain
   and distractor chains; the question asks which variables hold the target chain's value.
@@ -65,17 +66,19 @@ TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
                      "There is an important piece of information hidden inside a lot of irrelevant text. "
                      "Find it and memorize it. I will quiz you about it.",
                      "The pass key is {key}. Remember it. {key} is the pass key.",
-                     "What is the pass key?", "The pass key is", " {key}."),
+                     "What is the pass key mentioned in the text above? Answer with the 5-digit number only.",
+                     "The pass key is", " {key}."),
         ),
         "train": (
             Template("passkey-t0",
                      "A secret number is buried somewhere in the text below. Keep it in mind; you will be asked for it.",
                      "The secret number is {key}. Do not forget it: {key}.",
-                     "What is the secret number?", "The secret number is", " {key}."),
+                     "Which secret number was buried in the text? Reply with just the number.", "The secret number is",
+                     " {key}."),
             Template("passkey-t1",
                      "Read the following document carefully. One sentence gives an access code.",
                      "Note well: the access code is {key}.",
-                     "Which access code does the document give?", "The access code is", " {key}."),
+                     "Which access code does the document give? Give only the code.", "The access code is", " {key}."),
         ),
     },
     "multikey": {
@@ -84,19 +87,19 @@ TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
                      "Some special magic uuids are hidden within the following text. Make sure to memorize them. "
                      "I will quiz you about the uuids afterwards.",
                      "One of the special magic uuids for {key} is: {value}.",
-                     "What is the special magic uuid for {key} mentioned in the provided text?",
+                     "What is the special magic uuid for {key} mentioned in the provided text? Answer with the uuid only.",
                      "The special magic uuid for {key} mentioned in the provided text is", " {value}."),
         ),
         "train": (
             Template("multikey-t0",
                      "The text below contains several identifiers, each paired with a code. Remember the pairs.",
                      "The code paired with identifier {key} is {value}.",
-                     "Which code is paired with identifier {key}?", "The code paired with identifier {key} is",
+                     "Which code is paired with identifier {key}? Reply with the code alone.", "The code paired with identifier {key} is",
                      " {value}."),
             Template("multikey-t1",
                      "Hidden in this document are records that map one label to another. You will be asked about one.",
                      "Record: label {key} maps to {value}.",
-                     "According to the records, what does label {key} map to?", "Label {key} maps to", " {value}."),
+                     "According to the records, what does label {key} map to? Only give the label it maps to.", "Label {key} maps to", " {value}."),
         ),
     },
     "multivalue": {
@@ -105,19 +108,19 @@ TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
                      "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
                      "I will quiz you about the numbers afterwards.",
                      "One of the special magic numbers for {key} is: {value}.",
-                     "What are all the special magic numbers for {key} mentioned in the provided text?",
+                     "What are all the special magic numbers for {key} mentioned in the provided text? Answer with the numbers only.",
                      "The special magic numbers for {key} mentioned in the provided text are", " {values}."),
         ),
         "train": (
             Template("multivalue-t0",
                      "Several numbers in the following text belong to the same name. Collect all of them.",
                      "A number that belongs to {key} is {value}.",
-                     "List every number that belongs to {key}.", "The numbers that belong to {key} are",
+                     "List every number that belongs to {key}, and nothing else.", "The numbers that belong to {key} are",
                      " {values}."),
             Template("multivalue-t1",
                      "Read the notes below; some of them record values for a single entry.",
                      "Note: entry {key} has the value {value}.",
-                     "Which values does entry {key} have?", "Entry {key} has the values", " {values}."),
+                     "Which values does entry {key} have? Just list them.", "Entry {key} has the values", " {values}."),
         ),
     },
     "vartrack": {
@@ -125,7 +128,7 @@ TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
             Template("vartrack-e0",
                      "Memorize and track the chain(s) of variable assignment hidden in the following text.",
                      "VAR {name} = {value}.",
-                     "Find all variables that are assigned the value {value} in the text above.",
+                     "Find all variables that are assigned the value {value} in the text above. Answer with the variable names only.",
                      "According to the chain(s) of variable assignment in the text above, {count} variables are "
                      "assigned the value {value}, they are:", " {names}.",
                      link="VAR {name} = VAR {prev}."),
@@ -134,12 +137,12 @@ TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
             Template("vartrack-t0",
                      "The text below hides assignments between variables. Follow every chain.",
                      "Let {name} be {value}.",
-                     "Which variables end up holding {value}?", "The {count} variables holding {value} are",
+                     "Which variables end up holding {value}? Only list their names.", "The {count} variables holding {value} are",
                      " {names}.", link="Let {name} be {prev}."),
             Template("vartrack-t1",
                      "Keep track of the variables defined in the document below.",
                      "Set {name} to {value}.",
-                     "Name every variable whose value is {value}.", "The variables whose value is {value} are",
+                     "Name every variable whose value is {value}, nothing more.", "The variables whose value is {value} are",
                      " {names}.", link="Set {name} to the value of {prev}."),
         ),
     },
@@ -268,7 +271,7 @@ def _passkey(rng, tpl, depth, opts):
 
 
 def _multikey(rng, tpl, depth, opts):
-    n = opts.get("keys", 8)
+    n = opts.get("keys", 4)
     keys = [_uuid(rng) for _ in range(n)]
     values = [_uuid(rng) for _ in range(n)]
     depths = [depth] + [rng.random() for _ in range(n - 1)]
@@ -288,11 +291,11 @@ def _multivalue(rng, tpl, depth, opts):
 
 def _vartrack(rng, tpl, depth, opts):
     hops, chains = opts.get("hops", 4), opts.get("chains", 2)
-    names = set()
+    names: list[str] = []  # a list, not a set: a set's order changes with the process's hash seed
     while len(names) < (hops + 1) * chains:
-        names.add("".join(rng.choices(string.ascii_uppercase, k=5)))
-    names = list(names)
-    rng.shuffle(names)
+        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        if name not in names:
+            names.append(name)
     values = [str(v) for v in rng.sample(range(10000, 100000), chains)]
     needles, target = [], []
     for c in range(chains):
@@ -347,7 +350,7 @@ def make_sample(model, task: str, length: int, depth: float = 0.5, *, seed: int 
 
     `seed` and `index` pick the sample's seed within `split`'s range (see `sample_seed`); `template`
     overrides the split's wording (drawn from `TEMPLATES[task][split]` otherwise). Task options: `keys`
-    (multikey, 8), `values` (multivalue, 4), `hops` and `chains` (vartrack, 4 and 2). The same arguments
+    (multikey, 4), `values` (multivalue, 4), `hops` and `chains` (vartrack, 4 and 2). The same arguments
     always give the same sample.
     """
     if task not in _BUILDERS:
@@ -442,3 +445,20 @@ def make_samples(model, tasks: Sequence[str], lengths: Sequence[int], depths: Se
                     yield make_sample(model, task, length, depth, seed=seed, index=index, split=split,
                                       haystack=haystack)
                     index += 1
+
+
+def random_samples(model, tasks: Sequence[str], min_length: int, max_length: int, *, seed: int = 0,
+                   split: str = "train", haystack: str = "faker", **options) -> Iterator[Sample]:
+    """An endless stream for training: tasks in turn, lengths uniform in [min_length, max_length], depths
+    uniform in [0, 1], every sample with its own index (so its own seed within `split`)."""
+    if not tasks:
+        raise LeankError("no task to sample from")
+    if not 0 < min_length <= max_length:
+        raise LeankError(f"need 0 < min_length <= max_length, got {min_length} and {max_length}")
+    draw = random.Random(sample_seed(split, seed, 0) ^ 0x5EED)
+    index = 0
+    while True:
+        task = tasks[index % len(tasks)]
+        yield make_sample(model, task, draw.randint(min_length, max_length), draw.random(), seed=seed, index=index,
+                          split=split, haystack=haystack, **options)
+        index += 1

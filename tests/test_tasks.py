@@ -1,13 +1,17 @@
 """The synthetic task generators: lengths in the model's tokens, needles where asked, disjoint splits."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 import leank
 from leank.errors import LeankError
-from leank.runtime.tasks import SEED_SPAN, SPLITS, TASKS, TEMPLATES, make_sample, make_samples, sample_seed
+from leank.runtime.tasks import (SEED_SPAN, SPLITS, TASKS, TEMPLATES, make_sample, make_samples, random_samples,
+                                 sample_seed)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,27 @@ def test_same_arguments_same_sample(tiny):
     c = make_sample(tiny, "multivalue", 1500, 0.4, seed=5, index=3)
     assert a.prompt_ids == b.prompt_ids and a.answers == b.answers
     assert c.answers != a.answers and c.context != a.context
+
+
+def test_samples_do_not_depend_on_the_hash_seed(tiny):
+    """Same arguments, another process with another PYTHONHASHSEED: the same prompt."""
+    code = ("import sys, leank; from leank.runtime.tasks import make_sample; "
+            "m = leank.load(sys.argv[1], device='cpu'); s = make_sample(m, 'vartrack', 1500, 0.3, seed=2); "
+            "print(s.answers, s.prompt_ids == eval(sys.argv[2]))")
+    here = make_sample(tiny, "vartrack", 1500, 0.3, seed=2)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    r = subprocess.run([sys.executable, "-c", code, str(tiny.path), repr(here.prompt_ids)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{here.answers} True"
+
+
+def test_random_training_stream(tiny):
+    stream = random_samples(tiny, ["multikey", "multivalue"], 1400, 2000, seed=9)
+    drawn = [next(stream) for _ in range(4)]
+    assert [s.task for s in drawn] == ["multikey", "multivalue"] * 2
+    assert all(s.split == "train" and s.seed >= SEED_SPAN and 1400 <= s.length <= 2000 for s in drawn)
+    assert len({s.length for s in drawn}) > 1 and len({s.seed for s in drawn}) == 4
 
 
 def test_splits_never_share_seeds_or_templates(tiny):

@@ -137,4 +137,6 @@ def test_default_model_lengths_and_speed(default_model):
             seconds = time.perf_counter() - t0
             assert abs(s.prompt_tokens - length) <= 16, (task, length, s.prompt_tokens)
             assert seconds < 1.0, (task, length, seconds)
-            assert abs(_first_needle_depth(default_model, s) - 0.5) <= 0.02
+            # a needle is ~20 tokens (a UUID pair ~60): another may have taken the nearest boundary
+            tolerance = 0.02 + (0 if task == "passkey" else 64 / length)
+            assert abs(_first_needle_depth(default_model, s) - 0.5) <= tolerance, (task, length)

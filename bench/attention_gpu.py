@@ -111,6 +111,66 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+TUNING_ENV = {"MIDDLE": "LEANK_TL_MIDDLE", "MIDDLE16": "LEANK_TL_MIDDLE16", "FULL": "LEANK_TL_FULL",
+              "BPS": "LEANK_TL_BLOCKS_PER_SM"}
+
+
+def apply_variant(variant: str) -> None:
+    """Set the tuning environment of a variant "MIDDLE=64,128,0,8|BPS=8|..." ("" = the defaults)."""
+    import os
+
+    for env in TUNING_ENV.values():
+        os.environ.pop(env, None)
+    for part in filter(None, variant.split("|")):
+        key, value = part.split("=")
+        os.environ[TUNING_ENV[key]] = value
+
+
+def sweep(variants: list[str], kept: torch.Tensor, console, gen) -> tuple[list[dict], str]:
+    """Kernel tunings, each checked against the reference on a small case, then timed at 32K context,
+    batch 8 and 64, for every compressed method. Returns the rows and the fastest correct variant
+    (geometric mean of its times)."""
+    from leank.kernels import reference
+
+    ones = torch.ones_like(kept)
+    specs = []
+    for var in variants:
+        apply_variant(var)
+        for pruned, kb, vb in METHODS.values():
+            specs += tlo.decode_specs(D, HQ // HKV, DTYPE, (kept if pruned else ones).sum(-1).tolist(), kb, vb, GROUP)
+    t0 = time.time()
+    failed = tlo.precompile(specs)
+    console.print(f"sweep: {len(set(specs))} kernels ready in {time.time() - t0:.1f} s ({len(failed)} failed)")
+    out = []
+    scale = 1 / math.sqrt(D)
+    for var in variants:
+        apply_variant(var)
+        row = dict(variant=var)
+        try:
+            for name, (pruned, kb, vb) in METHODS.items():
+                fk, fv, groups, M, _ = make_layer(kept if pruned else ones, 2, 5000, kb, vb, gen)
+                q = rand((2, HQ, 1, D), DTYPE, gen)
+                a = tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)
+                r = reference.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)
+                row[f"{name} rel_err"] = ((a.float() - r.float()).norm() / r.float().norm()).item()
+                for B in (8, 64):
+                    fk, fv, groups, M, nbytes = make_layer(kept if pruned else ones, B, 32768, kb, vb, gen)
+                    q = rand((B, HQ, 1, D), DTYPE, gen)
+                    fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)  # noqa: E731
+                    eager, graph = time_ms(fn)
+                    row[f"{name} B{B} ms"] = graph or eager
+                    del fk, fv, groups
+                    torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - a tuning that fails is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        console.print(row)
+        out.append(row)
+    good = [r for r in out if "error" not in r and all(v <= 1e-2 for k, v in r.items() if k.endswith("rel_err"))]
+    best = min(good, key=lambda r: sum(math.log(v) for k, v in r.items() if k.endswith(" ms")))["variant"] if good else ""
+    console.print(f"fastest correct variant: {best!r}")
+    return out, best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mask", type=Path, default=DEFAULT_MASK)
@@ -119,6 +179,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--memory-fraction", type=float, default=0.85, help="skip cases whose dense K/V exceed this")
     ap.add_argument("--out", type=Path, default=Path("bench/out/attention_gpu.json"))
+    ap.add_argument("--sweep", default="", help="kernel tunings to compare first, ';'-separated, e.g. "
+                    "'MIDDLE=64,128,0,8|BPS=8;' (empty: the defaults); the fastest is used for the main run")
+    ap.add_argument("--best-env", type=Path, default=None, help="write the fastest variant as shell exports here")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -132,13 +195,21 @@ def main() -> None:
     card = props.name
     console.print(f"[bold]{card}[/], torch {torch.__version__}, mask layer {layer} kept counts "
                   f"{kept.sum(-1).tolist()}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sweep_rows, best = sweep(args.sweep.split(";"), kept, console, gen) if args.sweep else ([], None)
+    if best is not None:
+        apply_variant(best)
+        if args.best_env:
+            import os
+
+            args.best_env.write_text("".join(f"export {e}={os.environ[e]}\n" for e in TUNING_ENV.values()
+                                             if e in os.environ))
     t0 = time.time()
     for pruned, kb, vb in METHODS.values():  # compile (or load) every kernel before timing
         tlo.precompile(tlo.decode_specs(D, HQ // HKV, DTYPE, (kept if pruned else ones).sum(-1).tolist(), kb, vb, GROUP))
     console.print(f"kernels ready in {time.time() - t0:.1f} s")
     copy_gbps = copy_bandwidth_gbps()
     console.print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
-    gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     scale = 1 / math.sqrt(D)
     for n_tokens in [int(x) for x in args.contexts.split(",")]:
@@ -181,7 +252,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(card=card, date=str(date.today()), torch=torch.__version__,
                                         host=platform.node(), copy_gbps=copy_gbps, mask_layer=layer,
-                                        kept_counts=kept.sum(-1).tolist(), rows=rows), indent=1))
+                                        kept_counts=kept.sum(-1).tolist(), middle_tuning=tlo.MIDDLE_TUNING,
+                                        tuning_env={e: __import__("os").environ.get(e) for e in TUNING_ENV.values()},
+                                        sweep=sweep_rows, rows=rows), indent=1, default=str))
     console.print(f"wrote {args.out}")
 
 

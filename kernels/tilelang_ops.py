@@ -26,15 +26,32 @@ LOG2E = 1.4426950408889634
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 # Blocks each decode launch aims for, per streaming multiprocessor: enough splits along the tokens to
 # fill the card when batch x heads is small, few when it is large (each split costs a partial output).
-BLOCKS_PER_SM = 4
+# LEANK_TL_BLOCKS_PER_SM overrides it (for tuning).
+BLOCKS_PER_SM = 8
 FULL_BLOCK = 64  # tokens per tile in the full region
 
 
-def middle_block(k_bits: int, v_bits: int, group: int) -> int:
-    """Tokens per tile in the middle region: larger when codes are small, so each tile loads enough;
-    a multiple of the group size, so that a tile holds whole K scale rows."""
-    base = 64 if min(k_bits, v_bits) == 16 else 128
-    return math.ceil(max(base, group) / group) * group
+# Decode kernel tuning; see bench/KERNEL_NOTES.md for how these were chosen.
+# Middle region, for unquantized (bits 16) and quantized K/V: (tokens per tile, threads, pipeline
+# stages, minimum resident blocks per SM: caps registers so that more blocks hide memory latency).
+MIDDLE_TUNING = {False: (64, 128, 0, 4), True: (128, 128, 0, 4)}
+FULL_MIN_BLOCKS = 4
+
+
+def middle_tuning(k_bits: int, v_bits: int, group: int) -> tuple:
+    """(tokens per tile, threads, stages, min blocks per SM) of the middle kernel. Tiles hold whole K
+    scale rows (a multiple of the group size). LEANK_TL_MIDDLE / LEANK_TL_MIDDLE16="tile,threads,stages,
+    min_blocks" override the quantized / unquantized entry (for tuning)."""
+    quantized = min(k_bits, v_bits) < 16
+    tile, threads, stages, min_blocks = MIDDLE_TUNING[quantized]
+    env = os.environ.get("LEANK_TL_MIDDLE" if quantized else "LEANK_TL_MIDDLE16")
+    if env:
+        tile, threads, stages, min_blocks = (int(x) for x in env.split(","))
+    return math.ceil(max(tile, group) / group) * group, threads, stages, min_blocks
+
+
+def full_min_blocks() -> int:
+    return int(os.environ.get("LEANK_TL_FULL", FULL_MIN_BLOCKS))
 
 
 def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -181,7 +198,8 @@ def _splits(length: int, rows: int, block: int, sm_count: int) -> tuple[int, int
     """(number of splits, tokens per split) for `length` tokens and `rows` (batch x heads) blocks."""
     if length <= 0:
         return 1, block
-    want = max(1, math.ceil(BLOCKS_PER_SM * sm_count / max(rows, 1)))
+    per_sm = int(os.environ.get("LEANK_TL_BLOCKS_PER_SM", BLOCKS_PER_SM))
+    want = max(1, math.ceil(per_sm * sm_count / max(rows, 1)))
     n = min(want, math.ceil(length / block))
     chunk = math.ceil(math.ceil(length / n) / block) * block
     return math.ceil(length / chunk), chunk
@@ -228,7 +246,8 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms)
     mid = []
     if middle_len > 0:
-        bm = middle_block(k_bits, v_bits, group)
+        tuning = middle_tuning(k_bits, v_bits, group)
+        bm = tuning[0]
         for g in groups:
             mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms)))
     n_mid = max((n for _, n, _ in mid), default=0)
@@ -237,12 +256,12 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     lse_part = _empty((B, Hq, S), torch.float32, dev)
     out = _empty((B, Hq, D), q.dtype, dev)
 
-    kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK))(
+    kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK, 128, full_min_blocks()))(
         qf, fk, fv, f_lens, o_part, lse_part, F, chunk_full, n_full, sl2)
     f16_dummy = _dummy(dev, torch.float16)
     for g, n, chunk in mid:
         c = g.channels.shape[1]
-        spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, bm)
+        spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, *tuning)
         ks, km = (g.k_scale, g.k_min) if k_bits < 16 else (f16_dummy, f16_dummy)
         vs, vm = (g.v_scale, g.v_min) if v_bits < 16 else (f16_dummy, f16_dummy)
         kernel(spec)(qf, g.heads, g.channels, g.k, ks, km, g.v, vs, vm, m_lens, o_part, lse_part,
@@ -255,10 +274,11 @@ def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bit
                  per_sequence_lengths: bool = False) -> list[tuple]:
     """The kernel specs one decode configuration uses (for `precompile`)."""
     dt = _DTYPES[dtype]
-    specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK), ("combine", head_dim, dt)]
+    specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK, 128, full_min_blocks()),
+             ("combine", head_dim, dt)]
     for c in sorted(set(int(c) for c in kept_counts if c > 0)):
         specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths,
-                      middle_block(k_bits, v_bits, group)))
+                      *middle_tuning(k_bits, v_bits, group)))
     return specs
 
 

@@ -30,7 +30,8 @@ def _rows(gqa: int) -> int:
     return _round_up(max(gqa, 1), 16)
 
 
-def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: int = 64, threads: int = 128):
+def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: int = 64, threads: int = 128,
+                min_blocks: int = 1):
     """Split decode attention over the full region; writes split slots [0, n_splits) of o_part/lse_part
     and marks slots [n_splits, S) empty."""
     D, R, BN = head_dim, gqa, block_n
@@ -52,6 +53,8 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
         scale_log2: T.float32,
     ):
         with T.Kernel(n_splits, HKV, B, threads=threads) as (sid, h, b):
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
             q_s = T.alloc_shared((BH, D), dtype)
             k_s = T.alloc_shared((BN, D), dtype)
             v_s = T.alloc_shared((BN, D), dtype)
@@ -100,9 +103,13 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
 
 
 def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: int, v_bits: int, group: int,
-                  has_lens: bool, block_n: int = 64, threads: int = 128):
+                  has_lens: bool, block_n: int = 64, threads: int = 128, stages: int = 0, min_blocks: int = 1):
     """Split decode attention over one head group's middle region; writes split slots
-    [split_offset, split_offset + n_splits) of the group's query heads."""
+    [split_offset, split_offset + n_splits) of the group's query heads.
+
+    stages > 0: codes and scales arrive by asynchronous bulk copies, `stages` tiles in flight, while
+    earlier tiles are unpacked and multiplied (T.Pipelined; on Hopper TileLang makes it a producer warp
+    group with TMA loads). min_blocks > 1 caps registers so that that many blocks fit on an SM."""
     D, R, C, G = head_dim, gqa, n_channels, group
     BH = _rows(R)
     BN = _round_up(max(block_n, G), G)
@@ -145,18 +152,22 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
         scale_log2: T.float32,
     ):
         with T.Kernel(n_splits, NH, B, threads=threads) as (sid, hi, b):
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
             q_s = T.alloc_shared((BH, CP), dtype)
             k_s = T.alloc_shared((BN, CP), dtype)
             v_s = T.alloc_shared((BN, D), dtype)
             p_s = T.alloc_shared((BH, BN), dtype)
+            # scales and mins wait in shared memory in the compute dtype: codes unpack with one multiply-add
+            # in that dtype (two lanes per instruction), no float32 round trip
             if k_quant:
                 kc_s = T.alloc_shared((BN, KW), "uint8")
-                ks_s = T.alloc_shared((BG, C), "float16")
-                km_s = T.alloc_shared((BG, C), "float16")
+                ks_s = T.alloc_shared((BG, C), dtype)
+                km_s = T.alloc_shared((BG, C), dtype)
             if v_quant:
                 vc_s = T.alloc_shared((BN, VW), "uint8")
-                vs_s = T.alloc_shared((BN, VG), "float16")
-                vm_s = T.alloc_shared((BN, VG), "float16")
+                vs_s = T.alloc_shared((BN, VG), dtype)
+                vm_s = T.alloc_shared((BN, VG), dtype)
             acc_s = T.alloc_fragment((BH, BN), ACCUM)
             acc_o = T.alloc_fragment((BH, D), ACCUM)
             m = T.alloc_fragment((BH,), ACCUM)
@@ -184,35 +195,51 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(ACCUM))
-            for kb in T.serial(n_blocks):
+            for kb in T.Pipelined(n_blocks, num_stages=stages):
                 t0 = start + kb * BN
                 # --- K tile (kept channels): unpack codes, code * scale + min per channel and token group
                 if k_quant:
-                    for t, w in T.Parallel(BN, KW):
-                        kc_s[t, w] = k[b, hi, T.min(t0 + t, CAPK - 1), w]
-                    for g, j in T.Parallel(BG, C):
-                        ks_s[g, j] = k_scale[b, hi, T.min(t0 // G + g, CAPKS - 1), j]
-                        km_s[g, j] = k_min[b, hi, T.min(t0 // G + g, CAPKS - 1), j]
+                    if stages:
+                        T.copy(k[b, hi, t0 : t0 + BN, :], kc_s)
+                        T.copy(k_scale[b, hi, t0 // G : t0 // G + BG, :], ks_s)
+                        T.copy(k_min[b, hi, t0 // G : t0 // G + BG, :], km_s)
+                    else:
+                        for t, w in T.Parallel(BN, KW):
+                            kc_s[t, w] = k[b, hi, T.min(t0 + t, CAPK - 1), w]
+                        for g, j in T.Parallel(BG, C):
+                            ks_s[g, j] = T.cast(k_scale[b, hi, T.min(t0 // G + g, CAPKS - 1), j], dtype)
+                            km_s[g, j] = T.cast(k_min[b, hi, T.min(t0 // G + g, CAPKS - 1), j], dtype)
                     for t, j in T.Parallel(BN, CP):
-                        code = (kc_s[t, T.min(j, C - 1) // k_per] >> ((T.min(j, C - 1) % k_per) * k_bits)) & k_mask
-                        val = T.cast(code, ACCUM) * T.cast(ks_s[t // G, T.min(j, C - 1)], ACCUM) + T.cast(
-                            km_s[t // G, T.min(j, C - 1)], ACCUM)
-                        k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C), T.cast(val, dtype), T.cast(0, dtype))
+                        jc = T.min(j, C - 1)
+                        code = (kc_s[t, jc // k_per] >> ((jc % k_per) * k_bits)) & k_mask
+                        k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C),
+                                                   T.cast(code, dtype) * ks_s[t // G, jc] + km_s[t // G, jc],
+                                                   T.cast(0, dtype))
                 else:
                     for t, j in T.Parallel(BN, CP):
                         k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C),
                                                    k[b, hi, T.min(t0 + t, CAPK - 1), T.min(j, C - 1)], T.cast(0, dtype))
                 # --- V tile: unpack codes, code * scale + min per token and channel group
                 if v_quant:
-                    for t, w in T.Parallel(BN, VW):
-                        vc_s[t, w] = v[b, hi, T.min(t0 + t, CAPV - 1), w]
-                    for t, g in T.Parallel(BN, VG):
-                        vs_s[t, g] = v_scale[b, hi, T.min(t0 + t, CAPVS - 1), g]
-                        vm_s[t, g] = v_min[b, hi, T.min(t0 + t, CAPVS - 1), g]
+                    if stages:
+                        T.copy(v[b, hi, t0 : t0 + BN, :], vc_s)
+                        T.copy(v_scale[b, hi, t0 : t0 + BN, :], vs_s)
+                        T.copy(v_min[b, hi, t0 : t0 + BN, :], vm_s)
+                        for t, g in T.Parallel(BN, VG):
+                            vs_s[t, g] = T.if_then_else(t0 + t < end, vs_s[t, g], T.cast(0, dtype))
+                            vm_s[t, g] = T.if_then_else(t0 + t < end, vm_s[t, g], T.cast(0, dtype))
+                    else:
+                        for t, w in T.Parallel(BN, VW):
+                            vc_s[t, w] = v[b, hi, T.min(t0 + t, CAPV - 1), w]
+                        # rows past `end` (whose scales may be anything) dequantize to exact zeros
+                        for t, g in T.Parallel(BN, VG):
+                            vs_s[t, g] = T.if_then_else(
+                                t0 + t < end, T.cast(v_scale[b, hi, T.min(t0 + t, CAPVS - 1), g], dtype), T.cast(0, dtype))
+                            vm_s[t, g] = T.if_then_else(
+                                t0 + t < end, T.cast(v_min[b, hi, T.min(t0 + t, CAPVS - 1), g], dtype), T.cast(0, dtype))
                     for t, d in T.Parallel(BN, D):
                         code = (vc_s[t, d // v_per] >> ((d % v_per) * v_bits)) & v_mask
-                        val = T.cast(code, ACCUM) * T.cast(vs_s[t, d // G], ACCUM) + T.cast(vm_s[t, d // G], ACCUM)
-                        v_s[t, d] = T.if_then_else(t0 + t < end, T.cast(val, dtype), T.cast(0, dtype))
+                        v_s[t, d] = T.cast(code, dtype) * vs_s[t, d // G] + vm_s[t, d // G]
                 else:
                     for t, d in T.Parallel(BN, D):
                         v_s[t, d] = T.if_then_else(t0 + t < end, v[b, hi, T.min(t0 + t, CAPV - 1), d],

@@ -109,7 +109,8 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
 
     stages > 0: codes and scales arrive by asynchronous bulk copies, `stages` tiles in flight, while
     earlier tiles are unpacked and multiplied (T.Pipelined; on Hopper TileLang makes it a producer warp
-    group with TMA loads). min_blocks > 1 caps registers so that that many blocks fit on an SM."""
+    group with TMA loads; 20-35 % slower on an H200, kept for experiments, not covered by the tests).
+    min_blocks > 1 caps registers so that that many blocks fit on an SM."""
     D, R, C, G = head_dim, gqa, n_channels, group
     BH = _rows(R)
     BN = _round_up(max(block_n, G), G)

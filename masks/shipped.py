@@ -1,4 +1,8 @@
-"""Learned masks shipped with leank, found by the model's K-projection fingerprint."""
+"""Learned masks shipped with leank (`masks/data/`), found by the model's K-projection fingerprint.
+
+Shipped: SmolLM2-135M-Instruct (the default model), ratios 0.7 and 0.5, align 16, trained with
+`leank mask train` (see bench/RESULTS.md for the command, the card and the evaluation).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,18 +12,27 @@ from leank.masks.mask import Mask
 DATA = Path(__file__).parent / "data"
 
 
-def shipped_mask(model) -> Mask | None:
-    """The learned mask shipped for this exact model (same K projections), or None."""
+def shipped_masks(model) -> list[Mask]:
+    """Every shipped mask made for this exact model (same K projections)."""
     if not DATA.is_dir():
-        return None
+        return []
     from leank.convert.schema import k_fingerprint
 
-    fingerprint = None
+    found, fingerprint = [], None
     for path in sorted(DATA.glob("*.safetensors")):
         mask = Mask.load(path)
         if mask.shape != (model.args.n_layers, model.args.n_kv_heads, model.args.head_dim):
             continue
         fingerprint = fingerprint or k_fingerprint(model.file)
         if mask.provenance.extra.get("fingerprint") == fingerprint:
-            return mask
-    return None
+            found.append(mask)
+    return found
+
+
+def shipped_mask(model, ratio: float | None = None) -> Mask | None:
+    """The shipped mask for this model whose pruning ratio is closest to `ratio` (default 0.7), or None."""
+    from leank.runtime.policy import DEFAULT_RATIO
+
+    target = DEFAULT_RATIO if ratio is None else ratio
+    masks = shipped_masks(model)
+    return min(masks, key=lambda m: abs((m.provenance.ratio or 0.0) - target)) if masks else None

@@ -287,7 +287,7 @@ def save_checkpoint(path: str | Path, state: TrainState, config: TrainConfig, mo
 
 def load_checkpoint(path: str | Path, config: TrainConfig, model) -> TrainState:
     try:
-        data = torch.load(str(path), weights_only=True)
+        data = torch.load(str(path), weights_only=True, map_location="cpu")  # resumable on another device
     except Exception as e:
         raise LeankError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from e
     if not isinstance(data, dict) or data.get("format") != "leank-train-checkpoint":

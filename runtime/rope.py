@@ -107,7 +107,8 @@ class RopeTables:
         if self.mode == "interleaved" and self.cis is not None and x.dtype == torch.float32:
             xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
             return torch.view_as_real(xc * self.cis).flatten(-2)
-        return apply_rope(x, self.cos, self.sin, self.mode)
+        # half precision: rotate in float32 (as llama.cpp does), store in the compute dtype
+        return apply_rope(x.float(), self.cos, self.sin, self.mode).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:

@@ -154,7 +154,13 @@ def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: f
         if mask is not None:
             chosen_mask = resolve_mask(mask, model)
         elif ratio is not None:
-            chosen_mask = resolve_mask(f"freq:{ratio}", model)
+            from leank.masks.shipped import shipped_mask
+
+            learned = shipped_mask(model, ratio)  # a learned mask at exactly this ratio beats a generated one
+            if learned is not None and abs((learned.provenance.ratio or -1) - ratio) < 1e-6:
+                chosen_mask = learned
+            else:
+                chosen_mask = resolve_mask(f"freq:{ratio}", model)
         elif base.mask is not None:
             chosen_mask = base.mask
         else:

@@ -103,3 +103,20 @@ def test_examples_file_round_trip(model, tmp_path):
     save_examples(exs, tmp_path / "ex.pt")
     back = load_examples(tmp_path / "ex.pt")
     assert [back(i) for i in range(3)] == exs
+
+
+def test_shipped_masks_are_found_for_the_default_model_only(default_model_path, tiny_llama):
+    from leank.masks.shipped import shipped_mask
+    from leank.runtime.inspect import open_header
+    from leank.runtime.policy import build_policy
+
+    h = open_header(default_model_path)
+    m7, m5 = shipped_mask(h), shipped_mask(h, 0.5)
+    assert m7.provenance.method == "learned" and m7.provenance.ratio == pytest.approx(0.7)
+    assert m5.provenance.ratio == pytest.approx(0.5) and m5 != m7
+    for mask in (m5, m7):
+        assert bool((mask.kept_counts() % 16 == 0).all())
+    assert build_policy(h, kv="leank").mask == m7  # the default for --kv leank
+    assert build_policy(h, kv="leank", ratio=0.5).mask == m5
+    assert build_policy(h, kv="leank", ratio=0.6).mask.provenance.method == "freq"
+    assert shipped_mask(open_header(tiny_llama)) is None

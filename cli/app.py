@@ -23,9 +23,16 @@ app = typer.Typer(
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and llama.cpp's logs."),
+    threads: int = typer.Option(None, "--threads", min=1, envvar="LEANK_THREADS", show_default=False,
+                                help="CPU threads for torch (default: one per core). On a busy machine, fewer "
+                                     "threads than cores can be much faster."),
 ):
     if debug:
         os.environ["LEANK_DEBUG"] = "1"
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _register() -> None:

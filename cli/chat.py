@@ -98,14 +98,10 @@ def chat(
 
 
 def show_stats(session, policy) -> None:
-    from leank.cli.common import human_bytes
+    from leank.cli.common import cache_summary
 
-    c = session.cache.nbytes()
     s = session.last_stats
     if s is not None:
         err.print(f"last reply: {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s; "
                   f"prompt {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s")
-    err.print(f"KV cache ({policy.describe()}): {c.tokens} tokens, {human_bytes(c.total)}, "
-              f"{c.bytes_per_token:.0f} B/token, {c.ratio:.2f}x smaller than fp16 "
-              f"(full {human_bytes(c.full)}, middle K {human_bytes(c.middle_k)}, middle V {human_bytes(c.middle_v)}, "
-              f"scales {human_bytes(c.scales)})")
+    err.print(cache_summary(policy, session.cache.nbytes().as_dict()))

@@ -86,3 +86,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def versus_fp16(ratio: float) -> str:
+    """How a cache compares with an fp16 dense cache of the same tokens, in words."""
+    if ratio != ratio:  # nan: empty cache
+        return "empty"
+    if ratio >= 1:
+        return f"{ratio:.2f}x smaller than fp16"
+    return f"{1 / ratio:.2f}x larger than fp16 (full-precision tokens are float32 on CPU)"
+
+
+def cache_summary(policy, c: dict) -> str:
+    """One line on a cache's memory: `c` is `CacheBytes.as_dict()`."""
+    return (f"KV cache ({policy.describe()}): {human_bytes(c['total'])} for {c['tokens']} tokens, "
+            f"{c['bytes_per_token']:.0f} B/token, {versus_fp16(c['ratio_vs_fp16'])} "
+            f"(full {human_bytes(c['full'])}, middle K {human_bytes(c['middle_k'])}, "
+            f"middle V {human_bytes(c['middle_v'])}, scales {human_bytes(c['scales'])})")

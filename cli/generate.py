@@ -63,16 +63,10 @@ def generate(
 
 
 def print_stats(s, policy) -> None:
-    from leank.cli.common import human_bytes
+    from leank.cli.common import cache_summary
 
-    c = s.cache
     err.print(
         f"[dim]prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_second:.1f} tok/s | "
         f"generated {s.generated_tokens} tok, {s.decode_tokens_per_second:.1f} tok/s | finish: {s.finish_reason}[/]"
     )
-    err.print(
-        f"[dim]KV cache ({policy.describe()}): {human_bytes(c['total'])} for {c['tokens']} tokens, "
-        f"{c['bytes_per_token']:.0f} B/token, {c['ratio_vs_fp16']:.2f}x smaller than fp16 "
-        f"(full {human_bytes(c['full'])}, middle K {human_bytes(c['middle_k'])}, middle V {human_bytes(c['middle_v'])}, "
-        f"scales {human_bytes(c['scales'])})[/]"
-    )
+    err.print(f"[dim]{cache_summary(policy, s.cache)}[/]")

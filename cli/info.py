@@ -8,7 +8,7 @@ from typing_extensions import Annotated
 
 from leank.cli.app import app
 from leank.cli.common import (GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, RatioOpt, RecentOpt, SinkOpt,
-                              VBitsOpt, human_bytes, out, print_json)
+                              VBitsOpt, human_bytes, out, print_json, versus_fp16)
 
 
 @app.command()
@@ -56,11 +56,10 @@ def print_summary(s: dict) -> None:
     out.print()
     out.print(f"[bold]KV cache[/] at {c['context']} tokens, {c['policy']}:")
     out.print(f"  fp16 dense: {c['fp16_bytes_per_token']:.0f} B/token, {human_bytes(c['fp16_bytes'])}")
-    out.print(f"  this policy: {c['bytes_per_token']:.1f} B/token, {human_bytes(c['bytes'])} "
-              f"([bold]{c['ratio_vs_fp16']:.2f}x[/] smaller than fp16)")
+    out.print(f"  this policy: {c['bytes_per_token']:.1f} B/token, {human_bytes(c['bytes'])} ({versus_fp16(c['ratio_vs_fp16'])})")
     if c.get("middle_bytes_per_token") is not None:
         out.print(f"  middle region: {c['middle_bytes_per_token']:.1f} B/token "
-                  f"({c['middle_ratio_vs_fp16']:.2f}x smaller than fp16)")
+                  f"({versus_fp16(c['middle_ratio_vs_fp16'])})")
     if s.get("leank"):
         lk = s["leank"]
         out.print()

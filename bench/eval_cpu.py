@@ -106,6 +106,18 @@ def table(args) -> None:
         n = max(len(v) for v in cells.values())
         row = [f"{100 * sum(cells[p]) / len(cells[p]):.0f}" if cells.get(p) else "-" for p in policies]
         print(f"| {task} | {length} | {n} | " + " | ".join(row) + " |")
+    # a finer measure than accuracy where dense itself fails: how often a policy's reply is dense's, verbatim
+    same: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["kind"] == "retrieval" and "dense" in r["replies"]:
+            for p, reply in r["replies"].items():
+                same[r["task"]][p].append(reply["reply"] == r["replies"]["dense"]["reply"])
+    if same:
+        print("\n| task | n | " + " | ".join(f"{p} = dense" for p in policies) + " |")
+        print("|---|---:|" + "---:|" * len(policies))
+        for task, cells in sorted(same.items()):
+            n = len(cells["dense"])
+            print(f"| {task} | {n} | " + " | ".join(f"{100 * sum(cells[p]) / len(cells[p]):.0f}" for p in policies) + " |")
     ppl = [r for r in records if r["kind"] == "perplexity"]
     if ppl:
         base = next((r["perplexity"] for r in ppl if r["policy"] == "dense"), None)

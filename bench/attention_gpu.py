@@ -112,7 +112,7 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
 
 
 TUNING_ENV = {"MIDDLE": "LEANK_TL_MIDDLE", "MIDDLE16": "LEANK_TL_MIDDLE16", "FULL": "LEANK_TL_FULL",
-              "BPS": "LEANK_TL_BLOCKS_PER_SM"}
+              "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST"}
 
 
 def apply_variant(variant: str) -> None:
@@ -128,7 +128,7 @@ def apply_variant(variant: str) -> None:
 
 def sweep(variants: list[str], kept: torch.Tensor, console, gen) -> tuple[list[dict], str]:
     """Kernel tunings, each checked against the reference on a small case, then timed at 32K context,
-    batch 8 and 64, for every compressed method. Returns the rows and the fastest correct variant
+    batch 1, 8 and 64, for every compressed method. Returns the rows and the fastest correct variant
     (geometric mean of its times)."""
     from leank.kernels import reference
 
@@ -153,7 +153,7 @@ def sweep(variants: list[str], kept: torch.Tensor, console, gen) -> tuple[list[d
                 a = tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)
                 r = reference.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)
                 row[f"{name} rel_err"] = ((a.float() - r.float()).norm() / r.float().norm()).item()
-                for B in (8, 64):
+                for B in (1, 8, 64):
                     fk, fv, groups, M, nbytes = make_layer(kept if pruned else ones, B, 32768, kb, vb, gen)
                     q = rand((B, HQ, 1, D), DTYPE, gen)
                     fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)  # noqa: E731

@@ -33,25 +33,46 @@ FULL_BLOCK = 64  # tokens per tile in the full region
 
 # Decode kernel tuning; see bench/KERNEL_NOTES.md for how these were chosen.
 # Middle region, for unquantized (bits 16) and quantized K/V: (tokens per tile, threads, pipeline
-# stages, minimum resident blocks per SM: caps registers so that more blocks hide memory latency).
-MIDDLE_TUNING = {False: (64, 128, 0, 4), True: (128, 128, 0, 4)}
+# stages, minimum resident blocks per SM: caps registers so that more blocks hide memory latency,
+# register prefetch of the next tile: 0/1; quantized: fast-unpacked K and V only).
+MIDDLE_TUNING = {False: (64, 128, 0, 4, 1), True: (128, 128, 0, 4, 1)}
 FULL_MIN_BLOCKS = 4
+# KIVI codes unpack through the magic-number trick (no int -> float conversions; `tl_decode.middle_decode`'s
+# `fast`) where the configuration allows it. LEANK_TL_FAST=0 selects the first version's unpacking.
+FAST_UNPACK = True
 
 
 def middle_tuning(k_bits: int, v_bits: int, group: int) -> tuple:
-    """(tokens per tile, threads, stages, min blocks per SM) of the middle kernel. Tiles hold whole K
-    scale rows (a multiple of the group size). LEANK_TL_MIDDLE / LEANK_TL_MIDDLE16="tile,threads,stages,
-    min_blocks" override the quantized / unquantized entry (for tuning)."""
+    """(tokens per tile, threads, stages, min blocks per SM, prefetch) of the middle kernel. Tiles hold
+    whole K scale rows (a multiple of the group size). LEANK_TL_MIDDLE / LEANK_TL_MIDDLE16="tile,threads,
+    stages,min_blocks[,prefetch]" override the quantized / unquantized entry (for tuning)."""
     quantized = min(k_bits, v_bits) < 16
-    tile, threads, stages, min_blocks = MIDDLE_TUNING[quantized]
+    tile, threads, stages, min_blocks, prefetch = MIDDLE_TUNING[quantized]
     env = os.environ.get("LEANK_TL_MIDDLE" if quantized else "LEANK_TL_MIDDLE16")
     if env:
-        tile, threads, stages, min_blocks = (int(x) for x in env.split(","))
-    return math.ceil(max(tile, group) / group) * group, threads, stages, min_blocks
+        tile, threads, stages, min_blocks, prefetch = ([int(x) for x in env.split(",")] + [0])[:5]
+    return math.ceil(max(tile, group) / group) * group, threads, stages, min_blocks, bool(prefetch)
 
 
 def full_min_blocks() -> int:
     return int(os.environ.get("LEANK_TL_FULL", FULL_MIN_BLOCKS))
+
+
+def fast_unpack() -> bool:
+    return os.environ.get("LEANK_TL_FAST", "1" if FAST_UNPACK else "0") != "0"
+
+
+_FAST: dict = {}
+
+
+def _fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group: int, dtype: str) -> tuple:
+    """(K, V): whether the middle kernel takes those codes as int32 words (fast unpack)."""
+    key = (head_dim, n_channels, k_bits, v_bits, group, dtype)
+    if key not in _FAST:
+        from leank.kernels import tl_decode
+
+        _FAST[key] = tl_decode.fast_codes(*key)
+    return _FAST[key]
 
 
 def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -205,6 +226,14 @@ def _splits(length: int, rows: int, block: int, sm_count: int) -> tuple[int, int
     return math.ceil(length / chunk), chunk
 
 
+def _words(codes: torch.Tensor) -> torch.Tensor | None:
+    """uint8 codes (..., w) as int32 words (..., w / 4), or None where the view is impossible."""
+    try:
+        return codes.view(torch.int32)
+    except RuntimeError:
+        return None
+
+
 def decode_supported(q, full_k, groups, k_bits, v_bits, group) -> bool:
     """Whether the kernels cover this call (else the reference runs)."""
     B, Hq, T, D = q.shape
@@ -259,12 +288,18 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK, 128, full_min_blocks()))(
         qf, fk, fv, f_lens, o_part, lse_part, F, chunk_full, n_full, sl2)
     f16_dummy = _dummy(dev, torch.float16)
+    fast = fast_unpack() and tuning[2] == 0 if mid else False
     for g, n, chunk in mid:
         c = g.channels.shape[1]
-        spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, *tuning)
         ks, km = (g.k_scale, g.k_min) if k_bits < 16 else (f16_dummy, f16_dummy)
         vs, vm = (g.v_scale, g.v_min) if v_bits < 16 else (f16_dummy, f16_dummy)
-        kernel(spec)(qf, g.heads, g.channels, g.k, ks, km, g.v, vs, vm, m_lens, o_part, lse_part,
+        kf, vf = _fast_codes(D, c, k_bits, v_bits, group, dt) if fast else (False, False)
+        gk, gv = _words(g.k) if kf else g.k, _words(g.v) if vf else g.v  # fast unpack: 32-bit words
+        use_fast = fast and gk is not None and gv is not None
+        if not use_fast:
+            gk, gv = g.k, g.v
+        spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, *tuning, use_fast)
+        kernel(spec)(qf, g.heads, g.channels, gk, ks, km, gv, vs, vm, m_lens, o_part, lse_part,
                      middle_len, chunk, n, n_full, sl2)
     kernel(("combine", D, dt))(o_part, lse_part, out)
     return out.view(B, Hq, 1, D)
@@ -276,9 +311,10 @@ def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bit
     dt = _DTYPES[dtype]
     specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK, 128, full_min_blocks()),
              ("combine", head_dim, dt)]
+    tuning = middle_tuning(k_bits, v_bits, group)
     for c in sorted(set(int(c) for c in kept_counts if c > 0)):
-        specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths,
-                      *middle_tuning(k_bits, v_bits, group)))
+        specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths, *tuning,
+                      fast_unpack() and tuning[2] == 0))
     return specs
 
 

@@ -19,6 +19,87 @@ import tilelang.language as T
 
 ACCUM = "float32"
 LOG2E = 1.4426950408889634
+_MAGIC = {"float16": 0x6400, "bfloat16": 0x4300}  # 1024 (10 mantissa bits), 128 (7 mantissa bits)
+_MANTISSA = {"float16": 10, "bfloat16": 7}
+
+
+def fast_unpack_ok(bits: int, dtype: str) -> bool:
+    """Whether `bits`-bit codes unpack exactly through the magic-number trick in `dtype`: a code must fit
+    the mantissa below the magic number's exponent (8-bit codes do not in bfloat16)."""
+    return bits in (2, 4, 8) and bits <= _MANTISSA.get(dtype, 0)
+
+
+def unpack_channel(p, bits: int):
+    """The channel that column p of a fast-unpacked tile holds (p: int or TIR expression).
+
+    A 32-bit word of codes (4 bytes, 32 // bits channels) unpacks as pairs of 16-bit lanes: pair j takes
+    code k = j % per of byte hb = j // per in its low lane and code k of byte hb + 2 in its high lane
+    (per = 8 // bits codes per byte). Columns 2j, 2j + 1 hold pair j; channels are permuted within the
+    word, never across words (a word never straddles a V scale group)."""
+    per = 8 // bits
+    cpw = 4 * per
+    q = p % cpw
+    return (p // cpw) * cpw + per * (q // (2 * per) + 2 * (q % 2)) + (q // 2) % per
+
+
+def _unpack_source(bits: int, dtype: str) -> tuple[str, str, str]:
+    """CUDA for unpacking one 32-bit word of `bits`-bit codes into 32 // bits values of `dtype` (in
+    `unpack_channel` order), dequantized as code * scale + min with packed half2/bfloat162 arithmetic:
+    (word >> shift) & mask | magic is the number magic + code exactly (one LOP3 after a shift), an FMA
+    subtracts the magic number exactly, a second applies scale and min. No int -> float conversions.
+    Returns (K function name, V function name, source). K: per-column scales and mins (local arrays in
+    column order), rows past the valid length are zeros; V: one scale and min for the word."""
+    per = 8 // bits
+    npairs = 2 * per
+    mask = ((1 << bits) - 1) * 0x00010001
+    magic = _MAGIC[dtype] * 0x00010001
+    neg_magic = magic | 0x80008000
+    one = {"float16": 0x3C00, "bfloat16": 0x3F80}[dtype] * 0x00010001
+    ty = "bf16x2" if dtype == "bfloat16" else "f16x2"
+    tag = f"{bits}_{'bf16' if dtype == 'bfloat16' else 'f16'}"
+    fk, fv = f"leank_unpack_k{tag}", f"leank_unpack_v{tag}"
+
+    def body(scale: str, mn: str) -> str:
+        lines = []
+        for j in range(npairs):
+            hb, k = divmod(j, per)
+            shift = 8 * hb + bits * k
+            x = f"(w >> {shift}u)" if shift else "w"
+            lines.append(f"    o[{j}] = leank_fma2_{tag}(leank_fma2_{tag}(({x} & 0x{mask:08x}u) | 0x{magic:08x}u, "
+                         f"0x{one:08x}u, 0x{neg_magic:08x}u), {scale.format(j=j)}, {mn.format(j=j)});")
+        return "\n".join(lines)
+
+    src = f"""
+#ifndef LEANK_FMA2_{tag}
+#define LEANK_FMA2_{tag}
+__device__ __forceinline__ unsigned leank_fma2_{tag}(unsigned a, unsigned b, unsigned c) {{
+  unsigned d;
+  asm("fma.rn.{ty} %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}}
+__device__ __forceinline__ void {fk}(unsigned w, const void* sp, const void* mp, void* op, int valid) {{
+  const unsigned* s = reinterpret_cast<const unsigned*>(sp);
+  const unsigned* m = reinterpret_cast<const unsigned*>(mp);
+  unsigned* o = reinterpret_cast<unsigned*>(op);
+  if (!valid) {{
+#pragma unroll
+    for (int j = 0; j < {npairs}; ++j) o[j] = 0u;
+    return;
+  }}
+{body("s[{j}]", "m[{j}]")}
+}}
+template <typename T>
+__device__ __forceinline__ void {fv}(unsigned w, T scale, T mn, void* op) {{
+  unsigned short sb, mb;
+  memcpy(&sb, &scale, 2);
+  memcpy(&mb, &mn, 2);
+  const unsigned s2 = (unsigned)sb * 0x00010001u, m2 = (unsigned)mb * 0x00010001u;
+  unsigned* o = reinterpret_cast<unsigned*>(op);
+{body("s2", "m2")}
+}}
+#endif
+"""
+    return fk, fv, src
 
 
 def _round_up(x: int, m: int) -> int:
@@ -103,14 +184,22 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
 
 
 def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: int, v_bits: int, group: int,
-                  has_lens: bool, block_n: int = 64, threads: int = 128, stages: int = 0, min_blocks: int = 1):
+                  has_lens: bool, block_n: int = 64, threads: int = 128, stages: int = 0, min_blocks: int = 1,
+                  prefetch: bool = False, fast: bool = False):
     """Split decode attention over one head group's middle region; writes split slots
     [split_offset, split_offset + n_splits) of the group's query heads.
 
+    fast: KIVI codes unpack through `_unpack_source` (shift, LOP3 with the magic number, two packed FMAs
+    per pair of values; no int -> float conversions), where `fast_codes` allows; K and V codes are then
+    passed as int32 words (`fast_codes` says which) and tile columns hold channels in `unpack_channel`
+    order (q gathered in that order for K; V's output columns mapped back when written).
     stages > 0: codes and scales arrive by asynchronous bulk copies, `stages` tiles in flight, while
     earlier tiles are unpacked and multiplied (T.Pipelined; on Hopper TileLang makes it a producer warp
     group with TMA loads; 20-35 % slower on an H200, kept for experiments, not covered by the tests).
-    min_blocks > 1 caps registers so that that many blocks fit on an SM."""
+    min_blocks > 1 caps registers so that that many blocks fit on an SM.
+    prefetch (fast K and V, or unquantized K and V): the next tile's codes, scales and mins (or K and V)
+    are loaded into registers right after the current tile's reach shared memory, so the loads overlap
+    its unpacking and matmuls."""
     D, R, C, G = head_dim, gqa, n_channels, group
     BH = _rows(R)
     BN = _round_up(max(block_n, G), G)
@@ -120,12 +209,37 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
     v_per = 8 // v_bits if v_quant else 1
     KW = (C + k_per - 1) // k_per if k_quant else C
     VW = (D + v_per - 1) // v_per if v_quant else D
-    k_dtype = "uint8" if k_quant else dtype
-    v_dtype = "uint8" if v_quant else dtype
+    k_fast, v_fast = fast_codes(D, C, k_bits, v_bits, group, dtype) if fast and not stages else (False, False)
+    k_dtype = "int32" if k_fast else "uint8" if k_quant else dtype
+    v_dtype = "int32" if v_fast else "uint8" if v_quant else dtype
+    if k_fast:
+        KW = KW // 4  # int32 words per K row
+    if v_fast:
+        VW = VW // 4
+    KCPW = 32 // k_bits if k_fast else 1  # codes per word
+    VCPW = 32 // v_bits if v_fast else 1
+    KWW = CP // KCPW  # words per row of the K tile (>= KW; the rest read as zero codes)
+    pf = prefetch and k_fast and v_fast
+    # the same for unquantized K and V, where the tile fits 48 registers a thread (more spilled at c = 96)
+    pf16 = prefetch and not k_quant and not v_quant and not stages and (CP + D) * BN * 2 <= 192 * threads
     k_mask = (1 << k_bits) - 1 if k_quant else 0
     v_mask = (1 << v_bits) - 1 if v_quant else 0
     VG = max(D // G, 1)
     BG = BN // G  # K scale rows per tile
+    src = ""
+    if k_fast:
+        name_k, _, s_k = _unpack_source(k_bits, dtype)
+        src += s_k
+    if v_fast:
+        _, name_v, s_v = _unpack_source(v_bits, dtype)
+        src += s_v
+
+    def kch(j):  # channel of K tile column j
+        return unpack_channel(j, k_bits) if k_fast else j
+
+    def vch(d):  # channel of V tile column d
+        return unpack_channel(d, v_bits) if v_fast else d
+
     B, HQ, NH, CAPK, CAPKS, CAPV, CAPVS, S = T.dynamic("B, HQ, NH, CAPK, CAPKS, CAPV, CAPVS, S")
     LB = T.dynamic("LB")
     # unquantized K or V has no scales: those parameters take any placeholder tensor
@@ -155,6 +269,9 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
         with T.Kernel(n_splits, NH, B, threads=threads) as (sid, hi, b):
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
+            if k_fast or v_fast:
+                T.import_source(src)
+            tx = T.get_thread_binding()
             q_s = T.alloc_shared((BH, CP), dtype)
             k_s = T.alloc_shared((BN, CP), dtype)
             v_s = T.alloc_shared((BN, D), dtype)
@@ -162,13 +279,33 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
             # scales and mins wait in shared memory in the compute dtype: codes unpack with one multiply-add
             # in that dtype (two lanes per instruction), no float32 round trip
             if k_quant:
-                kc_s = T.alloc_shared((BN, KW), "uint8")
-                ks_s = T.alloc_shared((BG, C), dtype)
-                km_s = T.alloc_shared((BG, C), dtype)
+                if k_fast:
+                    kc_s = T.alloc_shared((BN, KWW), "int32")
+                    ks_s = T.alloc_shared((BG, CP), dtype)
+                    km_s = T.alloc_shared((BG, CP), dtype)
+                    ks_l = T.alloc_local((KCPW,), dtype)
+                    km_l = T.alloc_local((KCPW,), dtype)
+                    kv_l = T.alloc_local((KCPW,), dtype)
+                else:
+                    kc_s = T.alloc_shared((BN, KW), "uint8")
+                    ks_s = T.alloc_shared((BG, C), dtype)
+                    km_s = T.alloc_shared((BG, C), dtype)
             if v_quant:
-                vc_s = T.alloc_shared((BN, VW), "uint8")
+                vc_s = T.alloc_shared((BN, VW), v_dtype)
                 vs_s = T.alloc_shared((BN, VG), dtype)
                 vm_s = T.alloc_shared((BN, VG), dtype)
+                if v_fast:
+                    vv_l = T.alloc_local((VCPW,), dtype)
+            if pf:  # next tile's codes, scales and mins, in registers, as loaded (no use may wait for them)
+                kc_r = T.alloc_fragment((BN, KWW), "int32")
+                ks_r = T.alloc_fragment((BG, CP), "float16")
+                km_r = T.alloc_fragment((BG, CP), "float16")
+                vc_r = T.alloc_fragment((BN, VW), "int32")
+                vs_r = T.alloc_fragment((BN, VG), "float16")
+                vm_r = T.alloc_fragment((BN, VG), "float16")
+            if pf16:
+                k_r = T.alloc_fragment((BN, CP), dtype)
+                v_r = T.alloc_fragment((BN, D), dtype)
             acc_s = T.alloc_fragment((BH, BN), ACCUM)
             acc_o = T.alloc_fragment((BH, D), ACCUM)
             m = T.alloc_fragment((BH,), ACCUM)
@@ -189,17 +326,103 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
 
             for r, j in T.Parallel(BH, CP):
                 q_s[r, j] = T.if_then_else(
-                    (r < R) & (j < C),
-                    q[b, h * R + T.min(r, R - 1), channels[hi, T.min(j, C - 1)]],
+                    (r < R) & (kch(j) < C),
+                    q[b, h * R + T.min(r, R - 1), channels[hi, T.min(kch(j), C - 1)]],
                     T.cast(0, dtype),
                 )
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(ACCUM))
+            if pf:  # tile 0 (addresses are clamped: harmless when there is no tile)
+                for t, w in T.Parallel(BN, KWW):
+                    if KWW == KW:
+                        kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
+                    else:
+                        kc_r[t, w] = T.if_then_else(w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                for g, j in T.Parallel(BG, CP):
+                    ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                    km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                for t, w in T.Parallel(BN, VW):
+                    vc_r[t, w] = v[b, hi, T.min(start + t, CAPV - 1), w]
+                for t, g in T.Parallel(BN, VG):
+                    vs_r[t, g] = v_scale[b, hi, T.min(start + t, CAPVS - 1), g]
+                    vm_r[t, g] = v_min[b, hi, T.min(start + t, CAPVS - 1), g]
+            if pf16:
+                for t, j in T.Parallel(BN, CP):
+                    k_r[t, j] = k[b, hi, T.min(start + t, CAPK - 1), T.min(j, C - 1)]
+                for t, d in T.Parallel(BN, D):
+                    v_r[t, d] = v[b, hi, T.min(start + t, CAPV - 1), d]
             for kb in T.Pipelined(n_blocks, num_stages=stages):
                 t0 = start + kb * BN
+                if pf16:  # this tile: registers -> shared memory (rows past the end and padding: 0), then the next
+                    for t, j in T.Parallel(BN, CP):
+                        k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C), k_r[t, j], T.cast(0, dtype))
+                    for t, d in T.Parallel(BN, D):
+                        v_s[t, d] = T.if_then_else(t0 + t < end, v_r[t, d], T.cast(0, dtype))
+                    T.sync_threads()
+                    if kb + 1 < n_blocks:
+                        for t, j in T.Parallel(BN, CP):
+                            k_r[t, j] = k[b, hi, T.min(t0 + BN + t, CAPK - 1), T.min(j, C - 1)]
+                        for t, d in T.Parallel(BN, D):
+                            v_r[t, d] = v[b, hi, T.min(t0 + BN + t, CAPV - 1), d]
+                if pf:  # this tile: registers -> shared memory; then the next tile's loads are issued
+                    for t, w in T.Parallel(BN, KWW):
+                        kc_s[t, w] = kc_r[t, w]
+                    for g, j in T.Parallel(BG, CP):
+                        ks_s[g, j] = T.if_then_else(kch(j) < C, T.cast(ks_r[g, j], dtype), T.cast(0, dtype))
+                        km_s[g, j] = T.if_then_else(kch(j) < C, T.cast(km_r[g, j], dtype), T.cast(0, dtype))
+                    for t, w in T.Parallel(BN, VW):
+                        vc_s[t, w] = vc_r[t, w]
+                    for t, g in T.Parallel(BN, VG):
+                        vs_s[t, g] = T.if_then_else(t0 + t < end, T.cast(vs_r[t, g], dtype), T.cast(0, dtype))
+                        vm_s[t, g] = T.if_then_else(t0 + t < end, T.cast(vm_r[t, g], dtype), T.cast(0, dtype))
+                    T.sync_threads()
+                    if kb + 1 < n_blocks:
+                        for t, w in T.Parallel(BN, KWW):
+                            if KWW == KW:
+                                kc_r[t, w] = k[b, hi, T.min(t0 + BN + t, CAPK - 1), w]
+                            else:
+                                kc_r[t, w] = T.if_then_else(
+                                    w < KW, k[b, hi, T.min(t0 + BN + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                        for g, j in T.Parallel(BG, CP):
+                            ks_r[g, j] = k_scale[b, hi, T.min((t0 + BN) // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                            km_r[g, j] = k_min[b, hi, T.min((t0 + BN) // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                        for t, w in T.Parallel(BN, VW):
+                            vc_r[t, w] = v[b, hi, T.min(t0 + BN + t, CAPV - 1), w]
+                        for t, g in T.Parallel(BN, VG):
+                            vs_r[t, g] = v_scale[b, hi, T.min(t0 + BN + t, CAPVS - 1), g]
+                            vm_r[t, g] = v_min[b, hi, T.min(t0 + BN + t, CAPVS - 1), g]
                 # --- K tile (kept channels): unpack codes, code * scale + min per channel and token group
-                if k_quant:
+                if k_fast:
+                    if not pf:
+                        for t, w in T.Parallel(BN, KWW):
+                            if KWW == KW:
+                                kc_s[t, w] = k[b, hi, T.min(t0 + t, CAPK - 1), w]
+                            else:
+                                kc_s[t, w] = T.if_then_else(
+                                    w < KW, k[b, hi, T.min(t0 + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                        # scales and mins in tile-column order; columns past the kept channels get 0 (value 0)
+                        for g, j in T.Parallel(BG, CP):
+                            ks_s[g, j] = T.if_then_else(
+                                kch(j) < C,
+                                T.cast(k_scale[b, hi, T.min(t0 // G + g, CAPKS - 1), T.min(kch(j), C - 1)], dtype),
+                                T.cast(0, dtype))
+                            km_s[g, j] = T.if_then_else(
+                                kch(j) < C,
+                                T.cast(k_min[b, hi, T.min(t0 // G + g, CAPKS - 1), T.min(kch(j), C - 1)], dtype),
+                                T.cast(0, dtype))
+                        T.sync_threads()
+                    for it in T.serial(T.ceildiv(BN * KWW, threads)):
+                        if it * threads + tx < BN * KWW:
+                            for e in T.vectorized(KCPW):
+                                ks_l[e] = ks_s[(it * threads + tx) // KWW // G, (it * threads + tx) % KWW * KCPW + e]
+                                km_l[e] = km_s[(it * threads + tx) // KWW // G, (it * threads + tx) % KWW * KCPW + e]
+                            T.call_extern("handle", name_k, kc_s[(it * threads + tx) // KWW, (it * threads + tx) % KWW],
+                                          T.address_of(ks_l[0]), T.address_of(km_l[0]), T.address_of(kv_l[0]),
+                                          T.cast(t0 + (it * threads + tx) // KWW < end, "int32"))
+                            for e in T.vectorized(KCPW):
+                                k_s[(it * threads + tx) // KWW, (it * threads + tx) % KWW * KCPW + e] = kv_l[e]
+                elif k_quant:
                     if stages:
                         T.copy(k[b, hi, t0 : t0 + BN, :], kc_s)
                         T.copy(k_scale[b, hi, t0 // G : t0 // G + BG, :], ks_s)
@@ -216,7 +439,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                         k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C),
                                                    T.cast(code, dtype) * ks_s[t // G, jc] + km_s[t // G, jc],
                                                    T.cast(0, dtype))
-                else:
+                elif not pf16:
                     for t, j in T.Parallel(BN, CP):
                         k_s[t, j] = T.if_then_else((t0 + t < end) & (j < C),
                                                    k[b, hi, T.min(t0 + t, CAPK - 1), T.min(j, C - 1)], T.cast(0, dtype))
@@ -229,7 +452,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                         for t, g in T.Parallel(BN, VG):
                             vs_s[t, g] = T.if_then_else(t0 + t < end, vs_s[t, g], T.cast(0, dtype))
                             vm_s[t, g] = T.if_then_else(t0 + t < end, vm_s[t, g], T.cast(0, dtype))
-                    else:
+                    elif not pf:
                         for t, w in T.Parallel(BN, VW):
                             vc_s[t, w] = v[b, hi, T.min(t0 + t, CAPV - 1), w]
                         # rows past `end` (whose scales may be anything) dequantize to exact zeros
@@ -238,10 +461,22 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                                 t0 + t < end, T.cast(v_scale[b, hi, T.min(t0 + t, CAPVS - 1), g], dtype), T.cast(0, dtype))
                             vm_s[t, g] = T.if_then_else(
                                 t0 + t < end, T.cast(v_min[b, hi, T.min(t0 + t, CAPVS - 1), g], dtype), T.cast(0, dtype))
-                    for t, d in T.Parallel(BN, D):
-                        code = (vc_s[t, d // v_per] >> ((d % v_per) * v_bits)) & v_mask
-                        v_s[t, d] = T.cast(code, dtype) * vs_s[t, d // G] + vm_s[t, d // G]
-                else:
+                    if v_fast:
+                        if not pf:
+                            T.sync_threads()
+                        for it in T.serial(T.ceildiv(BN * VW, threads)):
+                            if it * threads + tx < BN * VW:
+                                T.call_extern("handle", name_v, vc_s[(it * threads + tx) // VW, (it * threads + tx) % VW],
+                                              vs_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW // G],
+                                              vm_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW // G],
+                                              T.address_of(vv_l[0]))
+                                for e in T.vectorized(VCPW):
+                                    v_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW + e] = vv_l[e]
+                    else:
+                        for t, d in T.Parallel(BN, D):
+                            code = (vc_s[t, d // v_per] >> ((d % v_per) * v_bits)) & v_mask
+                            v_s[t, d] = T.cast(code, dtype) * vs_s[t, d // G] + vm_s[t, d // G]
+                elif not pf16:
                     for t, d in T.Parallel(BN, D):
                         v_s[t, d] = T.if_then_else(t0 + t < end, v[b, hi, T.min(t0 + t, CAPV - 1), d],
                                                    T.cast(0, dtype))
@@ -249,9 +484,27 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                 T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
                 _softmax_step(acc_s, acc_o, m, m_prev, alpha, row_sum, l, p_s, t0, end, scale_log2, BH, BN, D)
                 T.gemm(p_s, v_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
-            _write_split(acc_o, l, m, o_part, lse_part, b, h, split_offset + sid, R, BH, D)
+            if v_fast:  # tile column d holds channel vch(d)
+                for r, d in T.Parallel(BH, D):
+                    if r < R:
+                        o_part[b, h * R + r, split_offset + sid, vch(d)] = T.if_then_else(
+                            l[r] > 0, acc_o[r, d] / l[r], T.cast(0, ACCUM))
+                for r in T.Parallel(BH):
+                    if r < R:
+                        lse_part[b, h * R + r, split_offset + sid] = T.if_then_else(
+                            l[r] > 0, T.log2(l[r]) + m[r], -T.infinity(ACCUM))
+            else:
+                _write_split(acc_o, l, m, o_part, lse_part, b, h, split_offset + sid, R, BH, D)
 
     return kernel
+
+
+def fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group: int, dtype: str) -> tuple[bool, bool]:
+    """(K, V): whether the fast unpack covers them; those codes go to the kernel as int32 words."""
+    k_fast = k_bits < 16 and fast_unpack_ok(k_bits, dtype) and (n_channels * k_bits) % 32 == 0
+    v_fast = (v_bits < 16 and fast_unpack_ok(v_bits, dtype) and (head_dim * v_bits) % 32 == 0
+              and group % (32 // v_bits) == 0)
+    return k_fast, v_fast
 
 
 @T.macro

@@ -35,7 +35,20 @@ CASES = [
     ("d64-gqa3-lens-odd", 64, 3, torch.float16, 8, 4, 32, 5, True, (20, 0, 64, 20), 200, 32 * 47),
     ("k16-v2", 128, 2, torch.float16, 16, 2, 32, 3, False, (64, 0), 64, 4096),
     ("k2-v16-tiny", 128, 4, torch.bfloat16, 2, 16, 32, 1, False, (32, 32, 0, 96), 1, 32),
+    # configurations the fast unpack does not cover (first-version unpacking): 8-bit codes in bfloat16,
+    # K rows that are no whole number of 32-bit words (c * bits % 32 != 0)
+    ("k8v8-bf16-lens", 64, 4, torch.bfloat16, 8, 8, 32, 3, True, (20, 12, 0, 20), 70, 32 * 29),
+    ("k2-odd-c-v4", 128, 2, torch.float16, 2, 4, 32, 2, False, (20, 36, 0, 8), 90, 32 * 33),
 ]
+
+# middle-kernel variants beside the default tuning, each run on a few CASES: the first version's unpacking
+# (LEANK_TL_FAST=0), with and without the register prefetch of the next tile
+VARIANTS = {
+    "unpack-v1": {"LEANK_TL_FAST": "0"},
+    "prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,1", "LEANK_TL_MIDDLE16": "64,128,0,4,1"},
+    "no-prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,0", "LEANK_TL_MIDDLE16": "64,128,0,4,0"},
+}
+VARIANT_CASES = ("llama-kivi2", "kivi4-lens-b8", "d64-k4v2-g16-odd", "fp16-gqa1")
 
 # (kind, channels, bits, group, dtype, rows, tokens)
 QUANT_CASES = [
@@ -60,6 +73,18 @@ def all_specs() -> list:
     specs = []
     for _, D, R, dt, kb, vb, G, _, lens, counts, _, _ in CASES:
         specs += tlo.decode_specs(D, R, dt, counts, kb, vb, G, lens)
+    for env in VARIANTS.values():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            for _, D, R, dt, kb, vb, G, _, lens, counts, _, _ in (c for c in CASES if c[0] in VARIANT_CASES):
+                specs += tlo.decode_specs(D, R, dt, counts, kb, vb, G, lens)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     specs += tlo.decode_specs(64, 2, torch.float16, E2E_COUNTS, 2, 2, 32, False)
     for kind, C, bits, G, dt, _, _ in QUANT_CASES:
         specs.append(tlo.quantize_specs(C, bits, G, dt, kind))
@@ -147,8 +172,7 @@ def make_groups(counts, B, D, M, k_bits, v_bits, G, dtype, gen) -> list[MiddleGr
     return groups
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_decode_matches_reference(poisoned, case):
+def check_decode(tlo, case):
     _, D, R, dtype, k_bits, v_bits, G, B, with_lens, counts, F, M = case
     gen = torch.Generator(device="cuda").manual_seed(1234)
     Hkv = len(counts)
@@ -162,12 +186,25 @@ def test_decode_matches_reference(poisoned, case):
         middle_lens = torch.randint(0, M + 1, (B,), generator=gen, device="cuda")
         full_lens[0], middle_lens[0] = F, M
         middle_lens[-1] = 0
-    out = poisoned.compressed_attention(q, full_k, full_v, groups, M, k_bits, v_bits, G, None, full_lens, middle_lens)
+    out = tlo.compressed_attention(q, full_k, full_v, groups, M, k_bits, v_bits, G, None, full_lens, middle_lens)
     ref = reference.compressed_attention(q, full_k, full_v, groups, M, k_bits, v_bits, G, None, full_lens,
                                          middle_lens)
     assert out.shape == ref.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_decode_matches_reference(poisoned, case):
+    check_decode(poisoned, case)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", VARIANT_CASES)
+def test_decode_variant_matches_reference(poisoned, monkeypatch, variant, name):
+    for key, value in VARIANTS[variant].items():
+        monkeypatch.setenv(key, value)
+    check_decode(poisoned, next(c for c in CASES if c[0] == name))
 
 
 def test_decode_empty_sequence_is_zero(poisoned):

@@ -29,6 +29,11 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 # LEANK_TL_BLOCKS_PER_SM overrides it (for tuning).
 BLOCKS_PER_SM = 8
 FULL_BLOCK = 64  # tokens per tile in the full region
+WAVE_FILL = 0.9  # least fill of a launch's last wave of blocks that `_splits` aims for
+# Wave-aware split counts (`_splits`) are off by default: on an H200 they took LeanK fp16 at batch 64 / 32K
+# from 1.32 to 1.23 ms but batch 1 from 0.083 to 0.097 ms (one-tile splits, twice the partials to merge);
+# see bench/KERNEL_NOTES.md. LEANK_TL_WAVES=1 turns them on.
+WAVES = False
 
 
 # Decode kernel tuning; see bench/KERNEL_NOTES.md for how these were chosen.
@@ -215,15 +220,32 @@ def _capacity_view(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _splits(length: int, rows: int, block: int, sm_count: int) -> tuple[int, int]:
-    """(number of splits, tokens per split) for `length` tokens and `rows` (batch x heads) blocks."""
+def _splits(length: int, rows: int, block: int, sm_count: int, resident: int = 0) -> tuple[int, int]:
+    """(number of splits, tokens per split) for `length` tokens and `rows` (batch x heads) blocks.
+
+    With WAVES (LEANK_TL_WAVES=1) and `resident` blocks per SM (the kernel's min-blocks cap), the split
+    count may grow by up to half so that the last wave of blocks is at least WAVE_FILL full (blocks of a
+    launch take about equally long: 5 splits of 256 rows on 4 x 132 slots leave the third wave 42 % full,
+    6 fill it to 97 %)."""
     if length <= 0:
         return 1, block
     per_sm = int(os.environ.get("LEANK_TL_BLOCKS_PER_SM", BLOCKS_PER_SM))
-    want = max(1, math.ceil(per_sm * sm_count / max(rows, 1)))
-    n = min(want, math.ceil(length / block))
-    chunk = math.ceil(math.ceil(length / n) / block) * block
-    return math.ceil(length / chunk), chunk
+    tiles = math.ceil(length / block)
+    want = min(max(1, math.ceil(per_sm * sm_count / max(rows, 1))), tiles)
+
+    def fit(n: int) -> tuple[int, int]:
+        chunk = math.ceil(math.ceil(length / n) / block) * block
+        return math.ceil(length / chunk), chunk
+
+    n, chunk = fit(want)
+    if resident > 0 and os.environ.get("LEANK_TL_WAVES", "1" if WAVES else "0") != "0":
+        slots = resident * sm_count
+        for cand in range(want, min(tiles, math.ceil(1.5 * want)) + 1):
+            nc, cc = fit(cand)
+            if rows * nc >= WAVE_FILL * math.ceil(rows * nc / slots) * slots:
+                n, chunk = nc, cc
+                break
+    return n, chunk
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor | None:
@@ -272,13 +294,13 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     f_lens = full_lens.to(device=dev, dtype=torch.int32).contiguous() if full_lens is not None else lens_dummy
     m_lens = middle_lens.to(device=dev, dtype=torch.int32).contiguous() if middle_lens is not None else lens_dummy
 
-    n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms)
+    n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms, full_min_blocks())
     mid = []
     if middle_len > 0:
         tuning = middle_tuning(k_bits, v_bits, group)
         bm = tuning[0]
         for g in groups:
-            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms)))
+            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms, tuning[3])))
     n_mid = max((n for _, n, _ in mid), default=0)
     S = n_full + n_mid
     o_part = _empty((B, Hq, S, D), torch.float32, dev)

@@ -28,7 +28,7 @@ from leank.runtime.config import read_model_args
 from leank.runtime.gguf_file import GGUFFile
 from leank.runtime.model import load_transformer
 from leank.runtime.policy import CachePolicy
-from leank.runtime.rope import Rope, hf_to_gguf_permutation
+from leank.runtime.rope import hf_to_gguf_permutation
 
 DEFAULT_MASK = Path(__file__).resolve().parents[2] / "shared/data/leank-masks/llama3.1-8b-instruct.pth"
 LLAMA31_8B = dict(arch="llama", n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, context_length=131072,
@@ -115,10 +115,6 @@ def main() -> None:
     f = GGUFFile(args_cli.gguf)
     margs = read_model_args(f)
     model = load_transformer(f, margs, torch.device("cuda"), dtype)
-    if model.rope.dtype != dtype:
-        # the loader builds float32 RoPE tables, which turn a bf16/fp16 model's q and k into float32
-        # (q then no longer matches the cache's dtype): rotate in the compute dtype instead
-        model.rope = Rope(margs, None, torch.device("cuda"), dtype)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
     console.print(f"loaded in {time.time() - t0:.0f} s: {gib(weights):.2f} GiB of weights on {card}")

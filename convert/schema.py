@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +56,11 @@ class LeankMetadata:
 def k_fingerprint(f) -> str:
     """sha256 over the raw bytes of every `blk.N.attn_k.weight` (and bias), in layer order."""
     h = hashlib.sha256()
-    names = sorted((n for n in f.tensors if n.startswith("blk.") and ".attn_k." in n),
-                   key=lambda n: (int(n.split(".")[1]) if n.split(".")[1].isdigit() else -1, n))
+    def layer(name: str) -> int:
+        part = name.split(".")[1]
+        return int(part) if part.isascii() and part.isdigit() else -1  # "²".isdigit() is True, int("²") fails
+
+    names = sorted((n for n in f.tensors if n.startswith("blk.") and ".attn_k." in n), key=lambda n: (layer(n), n))
     if not names:
         raise LeankError(f"{f.path}: no attn_k tensors to fingerprint")
     for name in names:
@@ -74,22 +78,21 @@ def read_leank_metadata(f, args, check_fingerprint: bool = True) -> LeankMetadat
     if not keys:
         return None
     where = f"{f.path}: leank metadata"
-    version = f.get(K_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool):
+    version = f.get(K_VERSION, max_items=0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise LeankError(f"{where} has no valid {K_VERSION}")
     if version > SCHEMA_VERSION:
         raise LeankError(f"{where} is schema version {version}; this leank reads up to {SCHEMA_VERSION}: upgrade leank")
     settings = {}
     for key, name in _POLICY_KEYS.items():
-        value = f.get(key)
+        value = f.get(key, max_items=0)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKENS_SETTING:
-            raise LeankError(f"{where}: {key} = {value!r} is not a valid setting")
+            raise LeankError(f"{where}: {key} = {_short(value)} is not a valid setting")
         settings[name] = value
     mask = None
-    if f.get(K_MASK_SHAPE) is not None:
-        mask = _read_mask(f, where)
-        mask.check_fits(args.n_layers, args.n_kv_heads, args.head_dim, "this file's model")
-    fingerprint = f.get(K_FINGERPRINT)
+    if K_MASK_SHAPE in f.fields:
+        mask = _read_mask(f, where, (args.n_layers, args.n_kv_heads, args.head_dim))
+    fingerprint = f.get(K_FINGERPRINT, max_items=0)
     if not isinstance(fingerprint, str):
         raise LeankError(f"{where} has no {K_FINGERPRINT}")
     if check_fingerprint and fingerprint != k_fingerprint(f):
@@ -101,31 +104,65 @@ def read_leank_metadata(f, args, check_fingerprint: bool = True) -> LeankMetadat
         raise LeankError(f"{where}: {e}") from e
     return LeankMetadata(version, policy, fingerprint)
 
-def _read_mask(f, where: str) -> Mask:
-    shape = f.get(K_MASK_SHAPE)
+def _read_mask(f, where: str, model_shape: tuple[int, int, int]) -> Mask:
+    shape = f.get(K_MASK_SHAPE, max_items=3)
     if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(s, int) and 0 < s <= 1 << 16 for s in shape)):
-        raise LeankError(f"{where}: {K_MASK_SHAPE} = {shape!r} is not 3 positive sizes")
-    if f.get(K_MASK_ORDER, "gguf") != "gguf":
-        raise LeankError(f"{where}: unknown channel order {f.get(K_MASK_ORDER)!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 1 << 16 for s in shape)):
+        raise LeankError(f"{where}: {K_MASK_SHAPE} = {_short(shape)} is not 3 positive sizes")
+    # the model's shape is checked before the bits are unpacked: nothing larger than the model is built
+    if tuple(shape) != model_shape:
+        raise LeankError(f"{where}: mask shape {tuple(shape)} (layers, kv_heads, head_dim) does not fit this "
+                         f"file's model {model_shape}")
+    if f.get(K_MASK_ORDER, "gguf", max_items=0) != "gguf":
+        raise LeankError(f"{where}: unknown channel order {_short(f.get(K_MASK_ORDER, max_items=0))}")
     n = shape[0] * shape[1] * shape[2]
     packed = f.array(K_MASK_BITS)
     if packed is None:
         raise LeankError(f"{where}: {K_MASK_BITS} is missing or not a numeric array")
-    packed = packed.astype(np.int64)
-    if packed.size != (n + 7) // 8 or packed.min(initial=0) < 0 or packed.max(initial=0) > 255:
+    if packed.size != (n + 7) // 8:
         raise LeankError(f"{where}: {K_MASK_BITS} holds {packed.size} bytes, expected {(n + 7) // 8}")
+    if packed.dtype != np.uint8 and (not np.isfinite(packed).all() or packed.min(initial=0) < 0
+                                      or packed.max(initial=0) > 255 or (packed != np.round(packed)).any()):
+        raise LeankError(f"{where}: {K_MASK_BITS} holds values that are not bytes")
     bits = np.unpackbits(packed.astype(np.uint8), bitorder="little")[:n]
     kept = torch.from_numpy(bits.astype(bool)).reshape(shape)
     prov = Provenance(
-        method=str(f.get(K_MASK_METHOD, "unknown")),
-        ratio=_float32_ratio(f.get(K_MASK_RATIO)),
-        align=_opt(f.get(K_MASK_ALIGN), int),
-        source=str(f.get(K_MASK_SOURCE, "")),
-        steps=_opt(f.get(K_MASK_STEPS), int),
-        extra=_read_extra(f.get(K_MASK_EXTRA), where),
+        method=_text(f, K_MASK_METHOD, "unknown", where),
+        ratio=_float32_ratio(_number(f, K_MASK_RATIO, where, 0.0, 1.0)),
+        align=_count(f, K_MASK_ALIGN, where),
+        source=_text(f, K_MASK_SOURCE, "", where),
+        steps=_count(f, K_MASK_STEPS, where),
+        extra=_read_extra(f.get(K_MASK_EXTRA, max_items=0), where),
     )
     return Mask(kept, prov)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text(f, key: str, default: str, where: str) -> str:
+    value = f.get(key, default, max_items=0)
+    if not isinstance(value, str) or len(value) > MAX_EXTRA_CHARS:
+        raise LeankError(f"{where}: {key} is not a string of at most {MAX_EXTRA_CHARS} characters")
+    return value
+
+
+def _number(f, key: str, where: str, low: float, high: float) -> float | None:
+    value = f.get(key, max_items=0)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and low <= value <= high):
+        raise LeankError(f"{where}: {key} = {_short(value)} is not a number within [{low}, {high}]")
+    return float(value)
+
+
+def _count(f, key: str, where: str) -> int | None:
+    value = _number(f, key, where, 0, 1 << 40)
+    if value is not None and value != int(value):
+        raise LeankError(f"{where}: {key} = {value} is not a whole number")
+    return None if value is None else int(value)
 
 def _read_extra(text, where: str) -> dict:
     if text is None:
@@ -134,20 +171,16 @@ def _read_extra(text, where: str) -> dict:
         raise LeankError(f"{where}: {K_MASK_EXTRA} is not a JSON string of at most {MAX_EXTRA_CHARS} characters")
     try:
         extra = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON exhausts the parser's recursion
         extra = None
     if not isinstance(extra, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
                                               for k, v in extra.items()):
         raise LeankError(f"{where}: {K_MASK_EXTRA} is not a JSON object of plain values")
     return extra
 
-def _float32_ratio(value) -> float | None:
+def _float32_ratio(value: float | None) -> float | None:
     # stored as float32: 0.7 reads back as 0.699999988; six decimals give back what was written
-    value = _opt(value, float)
     return None if value is None else round(value, 6)
-
-def _opt(value, kind):
-    return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 def write_leank_metadata(writer, policy: CachePolicy, fingerprint: str) -> None:
     """Add the `leank.*` keys for `policy` to a `gguf.GGUFWriter` (before its header is written)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,18 @@ TESTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5
 
 # GGUF value types (gguf.GGUFValueType): fixed sizes and numpy dtypes; 8 = string, 9 = array
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-STRING, ARRAY, BOOL = 8, 9, 7
+STRING, ARRAY, BOOL, UINT32 = 8, 9, 7, 4
 MAX_NAME_BYTES = 65535
+MAX_TENSOR_NAME_BYTES = 63  # llama.cpp's GGML_MAX_NAME is 64 with the terminating NUL
 MAX_DIMS = 4
 MAX_DIM = 1 << 40
+# A string array is walked item by item; 4M items (a vocabulary is ~50-260K) bounds the walk to seconds.
+MAX_STRING_ARRAY_ITEMS = 1 << 22
 VERSIONS = (2, 3)
+# Keys whose type is checked when the file is opened: leank (or llama.cpp) reads them from every file, so a
+# crafted one (an array of millions of items where a name belongs) is refused before anyone decodes it.
+KEY_TYPES = {"general.architecture": [STRING], "general.name": [STRING], "general.alignment": [UINT32],
+             "tokenizer.chat_template": [STRING], "tokenizer.ggml.model": [STRING]}
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class _Parser:
                 if count > (self.size - self.pos) // 8:  # each string takes 8 bytes at least
                     raise LeankError(f"{self.path}: truncated GGUF file (array {key!r} claims {count} strings, "
                                      "more than the file holds)")
+                if count > MAX_STRING_ARRAY_ITEMS:
+                    self.fail(f"array {key!r} holds {count} strings (at most {MAX_STRING_ARRAY_ITEMS} allowed)")
                 for i in range(count):
                     n = self.u64(f"length of item {i} of {key!r}")
                     self.need(n, f"item {i} of {key!r}")
@@ -149,6 +159,8 @@ class GGUFFile:
         if self.path.is_dir():
             raise LeankError(f"{self.path}: is a directory, not a GGUF file")
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO would block open(), a device never ends
+                raise LeankError(f"{self.path}: not a regular file")
             with open(self.path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 if size < 4 or fh.read(4) != b"GGUF":
@@ -185,21 +197,33 @@ class GGUFFile:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 p.fail("a metadata key is not UTF-8")
+            if not name:
+                p.fail("an empty metadata key")  # llama.cpp refuses them too
             if name in self.fields:
                 p.fail(f"duplicate metadata key {name!r}")
             vtype = p.u32(f"type of {name!r}")
             value_at = p.pos
             sub, count = p.skip_value(vtype, name)
             self.fields[name] = Field(name, vtype, sub, start, p.pos - start, value_at, count)
+        for key, types in KEY_TYPES.items():
+            field = self.fields.get(key)
+            if field is not None and field.types != types:
+                raise LeankError(f"{self.path}: damaged GGUF file ({key} is not a "
+                                 f"{'string' if types == [STRING] else 'uint32'})")
         alignment = self.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        if alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
             raise LeankError(f"{self.path}: damaged GGUF file (general.alignment {alignment!r} is not a power of two)")
         self.alignment = alignment
         pending = []
         for i in range(n_tensors):
             start = p.pos
             raw = p.string(f"name of tensor {i}", MAX_NAME_BYTES)
-            name = raw.decode("utf-8", errors="replace")
+            if len(raw) > MAX_TENSOR_NAME_BYTES or b"\0" in raw:
+                p.fail(f"tensor {i} has a name of {len(raw)} bytes (llama.cpp allows {MAX_TENSOR_NAME_BYTES}, no NUL)")
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                p.fail(f"the name of tensor {i} is not UTF-8")
             n_dims = p.u32(f"dimension count of {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
                 p.fail(f"tensor {name!r} has {n_dims} dimensions")
@@ -221,11 +245,14 @@ class GGUFFile:
             pending.append((name, qtype, dims, n, n // block * type_size, start, p.pos - start, offset))
         self.data_start = p.pos + (-p.pos) % self.alignment
         self.tensors: dict[str, TensorInfo] = {}
+        expected = 0  # tensors lie one after the other, each padded to the alignment (llama.cpp's rule too)
         for name, qtype, dims, n, nbytes, start, info_nbytes, offset in pending:
             if name in self.tensors:
                 raise LeankError(f"{self.path}: damaged GGUF file (duplicate tensor {name!r})")
-            if offset % self.alignment:
-                raise LeankError(f"{self.path}: damaged GGUF file (tensor {name!r} is misaligned)")
+            if offset != expected:
+                raise LeankError(f"{self.path}: damaged GGUF file (tensor {name!r} starts at data offset {offset}, "
+                                 f"expected {expected}: tensors must follow one another)")
+            expected += nbytes + (-nbytes) % self.alignment
             at = self.data_start + offset
             if at + nbytes > self.size:
                 raise LeankError(f"{self.path}: truncated GGUF file (tensor {name!r} ends at byte {at + nbytes}, "
@@ -239,11 +266,16 @@ class GGUFFile:
     def raw_bytes(self, start: int, nbytes: int) -> bytes:
         return bytes(self._map[start : start + nbytes])
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value of a metadata key (str, int, float, bool or list), or `default` when absent."""
+    def get(self, key: str, default: Any = None, max_items: int | None = None) -> Any:
+        """The value of a metadata key (str, int, float, bool or list), or `default` when absent.
+
+        `max_items` refuses (LeankError) an array longer than that before decoding it: a key that should
+        hold a few numbers may hold millions in a crafted file, and a Python list of them is ~30x its bytes."""
         f = self.fields.get(key)
         if f is None:
             return default
+        if max_items is not None and f.type == ARRAY and f.count > max_items:
+            raise LeankError(f"{self.path}: metadata key {key!r} holds {f.count} items, at most {max_items} expected")
         return self._decode(f)
 
     def _decode(self, f: Field) -> Any:
@@ -262,6 +294,19 @@ class GGUFFile:
         for _ in range(f.count):
             n = struct.unpack_from("<Q", m, at)[0]
             out.append(bytes(m[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"))
+            at += 8 + n
+        return out
+
+    def raw_strings(self, key: str) -> list[bytes] | None:
+        """The items of a string array as raw bytes (not decoded), or None when absent or not one."""
+        f = self.fields.get(key)
+        if f is None or f.types != [ARRAY, STRING]:
+            return None
+        m, at, out = self._map, f.value_offset + 12, []
+        unpack = struct.unpack_from
+        for _ in range(f.count):
+            n = unpack("<Q", m, at)[0]
+            out.append(m[at + 8 : at + 8 + n])
             at += 8 + n
         return out
 

@@ -51,8 +51,8 @@ def retrieval(args) -> None:
                 depth = args.depths[i % len(args.depths)]
                 s = make_sample(model, task, length, depth, seed=args.seed, index=i)
                 t0 = time.perf_counter()
-                replies = run_sample(model, s, policies)
-                record = {"kind": "retrieval", **s.describe(), "index": i, "seconds": round(time.perf_counter() - t0, 1),
+                replies = run_sample(model, s, policies, args.protocol)
+                record = {"kind": "retrieval", **s.describe(), "index": i, "protocol": args.protocol, "seconds": round(time.perf_counter() - t0, 1),
                           "replies": {k: r.as_dict() for k, r in replies.items()},
                           "policies": {k: p.as_dict() for k, p in policies.items()}, **_where()}
                 _append(args.out, record)
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048, help="perplexity: tokens scored")
     ap.add_argument("--prefix", type=int, default=64, help="perplexity: tokens prefilled before decoding")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--protocol", default="conversation", choices=["conversation", "prefill"])
     args = ap.parse_args()
     if args.policies is None:
         args.policies = PPL_POLICIES if args.what == "perplexity" else POLICIES

@@ -30,6 +30,9 @@ def eval_(
     haystack: Annotated[str, typer.Option("--haystack", help="Filler: faker (varied prose) or repeat (simple "
                         "sentences).")] = "faker",
     seed: Annotated[int, typer.Option("--seed", help="Picks the samples (same seed, same prompts).")] = 0,
+    protocol: Annotated[str, typer.Option("--protocol", help="conversation: the question is a second chunk that "
+                        "attends to the compressed document; prefill: document and question prefilled together, "
+                        "only the answer sees compression (LeanK's setting).")] = "conversation",
     ppl_file: Annotated[Optional[Path], typer.Option("--ppl-file", help="Also measure decode perplexity on the "
                         "first --ppl-ctx tokens of this UTF-8 text.", show_default=False)] = None,
     ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=2, help="Tokens scored for --ppl-file.")] = 2048,
@@ -48,7 +51,8 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from leank.errors import LeankError
-    from leank.runtime.evaluate import check_policies, decode_perplexity, evaluate, parse_policies, summarize
+    from leank.runtime.evaluate import (PROTOCOLS, check_policies, decode_perplexity, evaluate, parse_policies,
+                                        summarize)
     from leank.runtime.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
 
     tasks, lengths, depths = task or ["passkey"], length or [2048], depth or [0.5]
@@ -58,6 +62,8 @@ def eval_(
             raise LeankError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if split not in SPLITS:
         raise LeankError(f"--split must be one of {', '.join(SPLITS)}")
+    if protocol not in PROTOCOLS:
+        raise LeankError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
     if haystack not in HAYSTACKS:
         raise LeankError(f"--haystack must be one of {', '.join(HAYSTACKS)}")
     for d in depths:
@@ -96,7 +102,7 @@ def eval_(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
         job = bar.add_task("evaluating", total=len(sample_list) * len(policies))
-        records = evaluate(m, sample_list, policies,
+        records = evaluate(m, sample_list, policies, protocol,
                            progress=lambda done, total, what: bar.update(job, completed=done, description=what))
         ppl = None
         if ppl_ids is not None:
@@ -110,7 +116,8 @@ def eval_(
     if json_out is not None:
         result = {
             "settings": {"model": str(m.path), "tasks": tasks, "lengths": lengths, "depths": depths, "samples": samples,
-                         "split": split, "haystack": haystack, "seed": seed, "device": str(m.device),
+                         "split": split, "haystack": haystack, "seed": seed, "protocol": protocol,
+                         "device": str(m.device),
                          "dtype": str(m.dtype).replace("torch.", ""), "started": started.isoformat(timespec="seconds"),
                          "policies": {name: p.as_dict() for name, p in policies.items()},
                          "ppl_file": None if ppl_file is None else str(ppl_file), "ppl_ctx": ppl_ctx,
@@ -142,7 +149,9 @@ def _print_table(rows: list[dict], policies: list[str], ppl: dict | None) -> Non
         table.add_section()
         first = ppl[policies[0]]
         table.add_row("decode ppl", str(first["tokens"]), "", *[_ppl(ppl[p]["perplexity"]) for p in policies])
-    out.print(table)
+    # piped output has no terminal width: make room for the policies' names rather than fold them
+    width = None if out.is_terminal else max(out.width, 30 + sum(max(len(p), 6) + 3 for p in policies))
+    out.print(table, width=width)
 
 
 def _ppl(value: float) -> str:

@@ -16,6 +16,10 @@ Protocol, per sample:
    and variable tracking thus get partial credit in `score` and exact match in `correct`.
 Accuracy in tables is the mean of `correct` over samples, in percent.
 
+`protocol="prefill"` is LeanK's and RULER's setting instead of steps 1-3: context and question are
+prefilled together (densely) and then compressed, so only the decoded answer sees the compressed cache.
+The default ("conversation") is the harsher one: the question's own queries meet the compressed past.
+
 Decode perplexity (`decode_perplexity`): `Model.perplexity(ids, decode_from=n, policy=...)` per policy,
 the first n tokens prefilled and every later token fed through the decode path, so that tokens leave
 the recent window and are compressed as in generation.
@@ -143,12 +147,13 @@ def _rewind(cache: DenseCache, n: int) -> None:
 
 
 @torch.inference_mode()
-def _answer(model, cache, sample: Sample) -> tuple[str, int]:
-    """Feed the question, then greedy-decode the reply (see the module docstring)."""
+def _answer(model, cache, sample: Sample, logits: torch.Tensor | None = None) -> tuple[str, int]:
+    """Feed the question (unless `logits` say it was prefilled), then greedy-decode the reply."""
     transformer, tok = model.transformer, model.tokenizer
     dev = model.device
-    x = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)
-    logits = transformer(x, cache, logits_for="last")[0, -1]
+    if logits is None:
+        x = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)
+        logits = transformer(x, cache, logits_for="last")[0, -1]
     limit = min(max_new_tokens(sample), model.args.context_length - cache.seq_len)
     single = len(sample.answers) == 1  # one answer ends with its line; lists may run over several
     generated: list[int] = []
@@ -167,22 +172,32 @@ def _answer(model, cache, sample: Sample) -> tuple[str, int]:
     return (text.split("\n")[0] if single else text), len(generated)
 
 
+PROTOCOLS = ("conversation", "prefill")
+
+
 @torch.inference_mode()
-def run_sample(model, sample: Sample, policies: dict[str, CachePolicy],
+def run_sample(model, sample: Sample, policies: dict[str, CachePolicy], protocol: str = "conversation",
                on_policy: Callable[[str], None] | None = None) -> dict[str, Reply]:
-    """Every policy's reply to `sample` (the protocol in the module docstring)."""
-    n = len(sample.context_ids)
+    """Every policy's reply to `sample` (the protocol in the module docstring).
+
+    protocol="prefill" is LeanK's and RULER's setting instead: context and question are prefilled
+    together (densely), so only the decoded answer attends to the compressed cache.
+    """
+    if protocol not in PROTOCOLS:
+        raise LeankError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    prompt = sample.context_ids if protocol == "conversation" else sample.prompt_ids
+    n = len(prompt)
     a = model.args
     dense = DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, device=model.device, dtype=model.dtype,
                        capacity=sample.prompt_tokens + max_new_tokens(sample))
-    model.transformer(torch.tensor([sample.context_ids], dtype=torch.long, device=model.device), dense,
-                      logits_for="last")
+    first = model.transformer(torch.tensor([prompt], dtype=torch.long, device=model.device), dense,
+                              logits_for="last")[0, -1]
     out: dict[str, Reply] = {}
     for name, policy in policies.items():
         t0 = time.perf_counter()
         cache = dense if policy.is_dense else compress_cache(dense, policy, a)
         middle = 0 if policy.is_dense else cache.nbytes().extra.get("middle_tokens", 0)
-        text, count = _answer(model, cache, sample)
+        text, count = _answer(model, cache, sample, None if protocol == "conversation" else first)
         if cache is dense:
             _rewind(dense, n)
         score = score_reply(text, sample.answers)
@@ -204,7 +219,7 @@ def check_policies(policies: dict[str, CachePolicy], model) -> None:
             raise LeankError(f"policy {name!r}: {e}") from None
 
 
-def evaluate(model, samples: Sequence[Sample], policies: dict[str, CachePolicy],
+def evaluate(model, samples: Sequence[Sample], policies: dict[str, CachePolicy], protocol: str = "conversation",
              progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
     """Run every sample under every policy; one record per sample (its description and each reply).
 
@@ -221,7 +236,7 @@ def evaluate(model, samples: Sequence[Sample], policies: dict[str, CachePolicy],
             if progress:
                 progress(done, total, f"{sample.task} {sample.length} @{sample.depth:g} {name}")
 
-        replies = run_sample(model, sample, policies, on_policy=tick)
+        replies = run_sample(model, sample, policies, protocol, on_policy=tick)
         records.append({**sample.describe(), "replies": {k: r.as_dict() for k, r in replies.items()}})
     return records
 

@@ -76,6 +76,12 @@ def test_protocol_matches_plain_generation(tiny):
     assert replies["kivi2,sink=16,recent=64"].middle_tokens >= len(s.context_ids) - 16 - 64 - 32
     for r in replies.values():
         assert 0 < r.tokens <= budget and 0.0 <= r.score <= 1.0 and r.correct == (r.score == 1.0)
+    # LeanK's protocol: document and question prefilled together; dense is the same generation
+    prefilled = run_sample(tiny, s, policies, protocol="prefill")
+    assert prefilled["dense"].text == replies["dense"].text == prefilled["leank:ones,sink=16,recent=64"].text
+    assert prefilled["kivi2,sink=16,recent=64"].middle_tokens >= replies["kivi2,sink=16,recent=64"].middle_tokens
+    with pytest.raises(LeankError, match="protocol"):
+        run_sample(tiny, s, policies, protocol="chat")
 
 
 def test_evaluate_two_policies_end_to_end(tiny):

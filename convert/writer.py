@@ -4,7 +4,9 @@ Byte-faithful: every kept metadata record and every untouched tensor is copied a
 input, so nothing is re-encoded (and nothing can drift). Streams: tensor bytes go from the input to the
 output in chunks with plain reads, so RSS stays small whatever the model's size. Atomic: the output is
 written to a temporary file beside the target, flushed to disk, then renamed; any failure removes the
-temporary file. The input is opened read-only and never modified.
+temporary file. A run killed outright (SIGKILL, power loss) cannot remove it: the next write to the same
+target removes the temporaries of writers that are no longer alive. The input is opened read-only and never
+modified.
 """
 from __future__ import annotations
 
@@ -20,6 +22,45 @@ import numpy as np
 from leank.errors import LeankError
 
 CHUNK_BYTES = 16 << 20
+TMP_MARK = ".leank-tmp-"
+
+
+def temporary_path(dst: Path, pid: int | None = None) -> Path:
+    """The hidden file `dst` is written to before the rename: `.NAME.leank-tmp-PID` beside it."""
+    return dst.parent / f".{dst.name}{TMP_MARK}{os.getpid() if pid is None else pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process; no PID we could have had: not ours
+        return True
+    return pid > 0
+
+
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Remove the temporaries a killed writer of `dst` left behind (those whose PID no longer runs, and
+    this process's own); returns what was removed. A writer still running keeps its file."""
+    prefix = f".{dst.name}{TMP_MARK}"
+    removed = []
+    try:
+        entries = list(os.scandir(dst.parent if str(dst.parent) else "."))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+        if not (pid_text.isascii() and pid_text.isdigit()) or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or not _alive(pid):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
 
 
 @dataclass
@@ -132,7 +173,8 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
     alignment = src.alignment
     total = sum(n for *_, n in plan)
 
-    tmp = parent / f".{dst.name}.leank-tmp-{os.getpid()}"
+    remove_stale_temporaries(parent / dst.name)
+    tmp = temporary_path(parent / dst.name)
     t0 = time.perf_counter()
     written = 0
     try:

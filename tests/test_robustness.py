@@ -167,6 +167,28 @@ def test_a_stale_temporary_is_never_read_as_output(make_tiny, tmp_path):
     assert read_policy(out).mask.kept.all() and temporaries(tmp_path) == []
 
 
+def test_convert_onto_a_really_full_disk(make_tiny, tmp_path):
+    """A 1 MB tmpfs (in a private mount namespace) fills up half-way: one line, exit 1, the disk left empty.
+    test_convert.py simulates ENOSPC and hits RLIMIT_FSIZE; this is the real thing where the machine allows it."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs")
+    src = make_tiny(n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512)  # ~5 MB
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 99; "
+              f"{sys.executable} -m leank.cli convert {src} --mask ones -o {mnt}/out.gguf; echo rc=$?; "
+              f"echo left=$(ls -A {mnt} | tr '\\n' ' ')")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, COLUMNS="200"))
+    if r.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert "rc=1" in r.stdout and r.stdout.strip().endswith("left="), r.stdout  # failed, and nothing on the disk
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "no output was left behind" in lines[0], r.stderr
+
+
 # --- chat: Ctrl-C mid-reply, then more input, then EOF -------------------------------------------------
 # a vocabulary padded with unused tokens makes an early end-of-turn token unlikely: replies run long
 CHATTY = dict(n_layers=2, dim=128, n_heads=2, n_kv_heads=1, ffn_dim=256, context_length=4096, vocab_size=4096)

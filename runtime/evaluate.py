@@ -9,8 +9,8 @@ Protocol, per sample:
    chunk: it attends to the compressed past, as in a conversation whose document came earlier;
 4. the answer is greedy-decoded one token at a time through the decode path, at most
    `max_new_tokens(sample)` tokens (the expected answer's and some room), stopping at an
-   end-of-generation token and, for single-answer tasks, at the end of the reply's first line (lists
-   of answers may run over several lines);
+   end-of-generation token and, for single-answer tasks, at the end of the reply's first line with a
+   letter or digit in it (lists of answers may run over several lines);
 5. the reply is scored: `score` is the fraction of expected strings found in it as whole words (a
    5-digit pass key inside a longer number does not count), `correct` is all of them found. Multi-value
    and variable tracking thus get partial credit in `score` and exact match in `correct`.
@@ -164,7 +164,7 @@ def _answer(model, cache, sample: Sample, logits: torch.Tensor | None = None) ->
             break
         generated.append(token)
         text = tok.detokenize(generated)
-        if single and "\n" in text.strip():
+        if single and "\n" in text.strip() and re.search(r"\w", text):  # a line with content ended
             break
         if len(generated) < limit:
             logits = transformer(torch.tensor([[token]], dtype=torch.long, device=dev), cache, logits_for="last")[0, -1]

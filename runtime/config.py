@@ -17,7 +17,7 @@ TOKENIZER_MODELS = ("gpt2", "llama")
 # llama.cpp falls back to default special-token ids (SPM: 0-2, BPE: 11) and aborts the process when one
 # lies beyond the vocabulary: a smaller vocabulary is refused.
 MIN_VOCAB = 16
-GGUF_INT32, GGUF_FLOAT32 = 5, 6
+GGUF_UINT32, GGUF_INT32, GGUF_FLOAT32 = 4, 5, 6
 
 # Architectures leank runs, with what distinguishes them from plain llama.
 SUPPORTED_ARCHITECTURES = {
@@ -253,10 +253,12 @@ def check_vocabulary(f: GGUFFile, n_rows: int) -> None:
         raise LeankError(f"{where}: the vocabulary has {n} tokens but the embedding {n_rows} rows")
     if n < MIN_VOCAB:
         raise LeankError(f"{where}: a vocabulary of {n} tokens is too small (at least {MIN_VOCAB})")
-    for key, etype in (("tokenizer.ggml.scores", GGUF_FLOAT32), ("tokenizer.ggml.token_type", GGUF_INT32)):
+    # llama.cpp reads these as raw float/int arrays of n items, whatever their declared type and length
+    for key, etypes, what in (("tokenizer.ggml.scores", (GGUF_FLOAT32,), "float32"),
+                              ("tokenizer.ggml.token_type", (GGUF_INT32, GGUF_UINT32), "int32")):
         field = f.fields.get(key)
-        if field is not None and (field.types != [ARRAY, etype] or field.count != n):
-            raise LeankError(f"{where}: {key} must be an array of {n} {'float32' if etype == GGUF_FLOAT32 else 'int32'}")
+        if field is not None and (field.type != ARRAY or field.sub_type not in etypes or field.count != n):
+            raise LeankError(f"{where}: {key} must be an array of {n} {what}")
     merges = f.fields.get("tokenizer.ggml.merges")
     if (merges is None and model == "gpt2") or (merges is not None and merges.types != [ARRAY, STRING]):
         raise LeankError(f"{where}: tokenizer.ggml.merges is missing or not a list of strings")

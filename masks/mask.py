@@ -145,6 +145,7 @@ class Mask:
         tmp = path.with_name(f".{path.name}.tmp-{id(self)}")
         try:
             save_file({"kept": self.kept.to(torch.uint8)}, str(tmp), metadata=meta)
+            tmp.chmod(0o644)  # safetensors creates files private to the owner; a mask is not a secret
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)

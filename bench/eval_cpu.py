@@ -77,7 +77,8 @@ def perplexity(args) -> None:
                   **result, "seconds": round(time.perf_counter() - t0, 1), "settings": policies[spec].as_dict(),
                   **_where()}
         _append(args.out, record)
-        print(spec, round(result["perplexity"], 4), f"{record['seconds']}s", flush=True)
+        print(spec, round(result["perplexity"], 4), "decode-only", round(result["decode_perplexity"], 4),
+              f"{record['seconds']}s", flush=True)
 
 
 def _shared(args) -> dict:

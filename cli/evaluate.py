@@ -148,7 +148,9 @@ def _print_table(rows: list[dict], policies: list[str], ppl: dict | None) -> Non
     if ppl is not None:
         table.add_section()
         first = ppl[policies[0]]
-        table.add_row("decode ppl", str(first["tokens"]), "", *[_ppl(ppl[p]["perplexity"]) for p in policies])
+        # the decoded tokens only: the prefilled prefix is scored identically under every policy
+        table.add_row("decode ppl", str(first.get("decoded", first["tokens"])), "",
+                      *[_ppl(ppl[p].get("decode_perplexity", ppl[p]["perplexity"])) for p in policies])
     # piped output has no terminal width: make room for the policies' names rather than fold them
     width = None if out.is_terminal else max(out.width, 30 + sum(max(len(p), 6) + 3 for p in policies))
     out.print(table, width=width)

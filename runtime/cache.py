@@ -168,6 +168,10 @@ class DenseCache(KVCache):
         n = self.lengths[layer]
         return causal_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n])
 
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first `n` (buffers are kept and overwritten by later appends)."""
+        self.lengths = [min(length, n) for length in self.lengths]
+
     def nbytes(self) -> CacheBytes:
         per_elem = torch.finfo(self.dtype).bits // 8
         used = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * per_elem for n in self.lengths)

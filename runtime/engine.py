@@ -157,16 +157,26 @@ class Model:
             hidden = self.transformer(x, cache, logits_for="none")[0]
             logits = self.transformer.output(hidden).float().cpu()
             nll += F.cross_entropy(logits, target[:n0], reduction="sum").double()
+            nll_decode = torch.zeros((), dtype=torch.float64)
             for i in range(n0, len(ids) - 1):
                 x = torch.tensor([[ids[i]]], dtype=torch.long, device=self.device)
                 logits = self.transformer(x, cache, logits_for="last")[0, -1].float().cpu()
-                nll += F.cross_entropy(logits[None], target[i : i + 1], reduction="sum").double()
+                step = F.cross_entropy(logits[None], target[i : i + 1], reduction="sum").double()
+                nll += step
+                nll_decode += step
                 if progress and (i % 16 == 0 or i == len(ids) - 2):
                     progress(i + 1, len(ids) - 1)
         n = len(ids) - 1
         mean = float(nll) / n
-        return {"tokens": len(ids), "scored": n, "nll": mean, "perplexity": math.exp(mean),
-                "cache": cache.nbytes().as_dict()}
+        out = {"tokens": len(ids), "scored": n, "nll": mean, "perplexity": math.exp(mean),
+               "cache": cache.nbytes().as_dict()}
+        if decode_from is not None:
+            # the decoded tokens alone: the prefilled ones, identical under every policy, would dilute the effect
+            decoded = len(ids) - 1 - n0
+            if decoded:
+                d = float(nll_decode) / decoded
+                out.update({"decoded": decoded, "decode_nll": d, "decode_perplexity": math.exp(d)})
+        return out
 
     # --- generation ---------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,

@@ -141,11 +141,6 @@ def max_new_tokens(sample: Sample) -> int:
     return len(sample.answer_ids) + EXTRA_ANSWER_TOKENS + EXTRA_LIST_TOKENS * (len(sample.answers) - 1)
 
 
-def _rewind(cache: DenseCache, n: int) -> None:
-    """Forget every token after the first n (the buffers are kept and overwritten later)."""
-    cache.lengths = [min(length, n) for length in cache.lengths]
-
-
 @torch.inference_mode()
 def _answer(model, cache, sample: Sample, logits: torch.Tensor | None = None) -> tuple[str, int]:
     """Feed the question (unless `logits` say it was prefilled), then greedy-decode the reply."""
@@ -199,7 +194,7 @@ def run_sample(model, sample: Sample, policies: dict[str, CachePolicy], protocol
         middle = 0 if policy.is_dense else cache.nbytes().extra.get("middle_tokens", 0)
         text, count = _answer(model, cache, sample, None if protocol == "conversation" else first)
         if cache is dense:
-            _rewind(dense, n)
+            dense.truncate(n)
         score = score_reply(text, sample.answers)
         out[name] = Reply(text, count, score, score == 1.0, time.perf_counter() - t0, middle)
         if on_policy:
@@ -266,6 +261,7 @@ def decode_perplexity(model, ids: Sequence[int], policies: dict[str, CachePolicy
     for name, policy in policies.items():
         cb = None if progress is None else (lambda d, t, name=name: progress(d, t, name))
         result = model.perplexity(ids, decode_from=decode_from, policy=policy, progress=cb)
-        out[name] = {k: result[k] for k in ("tokens", "scored", "nll", "perplexity")}
+        out[name] = {k: result[k] for k in ("tokens", "scored", "nll", "perplexity", "decoded", "decode_nll",
+                                            "decode_perplexity") if k in result}
         out[name]["cache"] = result["cache"]
     return out

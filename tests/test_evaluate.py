@@ -109,6 +109,10 @@ def test_decode_perplexity_per_policy(tiny):
     assert ppl["leank:ones,sink=8,recent=32"]["perplexity"] == pytest.approx(ppl["dense"]["perplexity"], rel=1e-4)
     assert ppl["kivi2,sink=8,recent=32"]["perplexity"] != ppl["dense"]["perplexity"]
     assert ppl["kivi2,sink=8,recent=32"]["cache"]["middle_k"] > 0 and ppl["dense"]["scored"] == len(ids) - 1
+    # the decoded tokens alone: the 15 prefilled targets are shared by every policy, so the gap can only widen
+    assert ppl["dense"]["decoded"] == len(ids) - 1 - 16
+    dense, kivi = ppl["dense"], ppl["kivi2,sink=8,recent=32"]
+    assert abs(kivi["decode_nll"] - dense["decode_nll"]) >= abs(kivi["nll"] - dense["nll"]) > 0
 
 
 def _leank(*args: str) -> subprocess.CompletedProcess:

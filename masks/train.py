@@ -263,7 +263,8 @@ def train_mask(model, config: TrainConfig, examples: Callable[[int], Example] | 
     prov = Provenance("learned", ratio=config.ratio, align=config.align, source=model.path.name,
                       steps=config.steps * len(config.stages),
                       extra={"fingerprint": k_fingerprint(model.file), "stages": list(config.stages),
-                             "seed": config.seed, "max_tokens": config.max_tokens})
+                             "seed": config.seed, "max_tokens": config.max_tokens, "lambda": config.lam,
+                             "lr": config.learning_rate(model.args.arch)})
     return Mask(kept, prov), history
 
 

@@ -6,6 +6,7 @@ A mask is a bool tensor (layers, kv_heads, head_dim) in the model's GGUF channel
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,13 +36,27 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Provenance":
+        """From untrusted JSON: ValueError unless `d` is an object whose known fields have sane values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"provenance must be a JSON object, not {type(d).__name__}")
         known = {"method", "ratio", "align", "source", "steps"}
+
+        def number(key: str, integer: bool):
+            v = d.get(key)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"provenance {key!r} must be a finite number, got {v!r:.40}")
+            if integer and v != int(v):
+                raise ValueError(f"provenance {key!r} must be a whole number, got {v!r}")
+            return int(v) if integer else float(v)
+
         return cls(
             method=str(d.get("method", "unknown")),
-            ratio=None if d.get("ratio") is None else float(d["ratio"]),
-            align=None if d.get("align") is None else int(d["align"]),
+            ratio=number("ratio", False),
+            align=number("align", True),
             source=str(d.get("source", "")),
-            steps=None if d.get("steps") is None else int(d["steps"]),
+            steps=number("steps", True),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -172,6 +187,8 @@ class Mask:
             raise LeankError(f"{path}: the mask tensor must be 3-D uint8 of 0/1 values")
         try:
             prov = Provenance.from_dict(json.loads(meta.get("provenance", "{}")))
+        except RecursionError:
+            raise LeankError(f"{path}: damaged provenance (JSON nested too deeply)") from None
         except (ValueError, TypeError) as e:
             raise LeankError(f"{path}: damaged provenance ({e})") from e
         return cls(kept.bool(), prov)

@@ -429,9 +429,7 @@ def test_pth_zip_bomb_is_refused_before_it_expands(tmp_path):
     assert int(r.stdout.split()[-1]) < 64, f"importing a {bomb.stat().st_size}-byte file took {r.stdout.split()[-1]} MB"
 
 
-@pytest.mark.xfail(strict=True, reason="masks/mask.py Mask.load: a provenance that is valid JSON but not an object of "
-                                       "plain values raises AttributeError/OverflowError/RecursionError (reported)")
-@pytest.mark.parametrize("provenance", ["[1]", '{"align": 1e999}', "[" * 5000])
+@pytest.mark.parametrize("provenance", ["[1]", '{"align": 1e999}', '{"ratio": NaN}', '{"steps": "10"}', "[" * 5000])
 def test_native_mask_with_hostile_provenance_is_one_line_error(tmp_path, provenance):
     from safetensors.torch import save_file
 
@@ -440,5 +438,6 @@ def test_native_mask_with_hostile_provenance_is_one_line_error(tmp_path, provena
     path = tmp_path / "m.safetensors"
     save_file({"kept": torch.ones(2, 2, 64, dtype=torch.uint8)}, str(path),
               metadata={"format": "leank-mask", "version": "1", "provenance": provenance})
-    with pytest.raises(LeankError):
+    with pytest.raises(LeankError, match="provenance") as e:
         Mask.load(path)
+    assert "\n" not in str(e.value)

@@ -75,15 +75,20 @@ def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int) -> di
     import numpy as np
 
     llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
+
+    def last_logits():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
     ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=True), ctx)
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t0
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits()))
     t1 = time.perf_counter()
     for _ in range(tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
     decode = time.perf_counter() - t1
     return {"engine": "llama.cpp", "policy": "f16 cache", "ctx": ctx, "prefill_tok_s": ctx / prefill,
             "decode_tok_s": tokens / decode, "peak_rss_mib": peak_rss_mib()}

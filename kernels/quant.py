@@ -10,6 +10,8 @@ channel j*per+i in bits [i*bits, (i+1)*bits) (little-endian within the byte), pe
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 PACKABLE_BITS = (2, 4, 8)
@@ -47,12 +49,42 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """packed uint8 (..., w) -> uint8 codes (..., n)."""
     if bits == 8:
         return packed[..., :n]
+    return _unpack_bytes(packed, bits)[..., :n]
+
+
+def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     key = (bits, packed.device)
     shifts = _SHIFTS.get(key)
     if shifts is None:
         shifts = _SHIFTS[key] = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)[..., :n]
+    return codes.flatten(-2)
+
+
+def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
+    """The packed rows as little-endian int32 words, without a copy, where their layout allows it."""
+    if sys.byteorder != "little" or packed.shape[-1] % 4 or packed.dim() == 0:
+        return None
+    try:
+        return packed.view(torch.int32)
+    except RuntimeError:  # strides or storage offset not word-aligned
+        return None
+
+
+def unpack_float(packed: torch.Tensor, bits: int, n: int, dtype=torch.float32) -> torch.Tensor:
+    """`unpack(...)` as `dtype`. Rows of whole 32-bit words are unpacked a word at a time: the codes of a
+    little-endian word are in channel order (word bit s holds channel s // bits of the word), and int32
+    shifts vectorize where uint8 ones do not (about 3x faster on an AVX2 CPU)."""
+    if bits != 8:
+        words = _as_words(packed)
+        if words is not None:
+            key = ("w", bits, packed.device)
+            shifts = _SHIFTS.get(key)
+            if shifts is None:
+                shifts = _SHIFTS[key] = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+            codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+            return codes.flatten(-2)[..., :n].to(dtype)
+    return unpack(packed, bits, n).to(dtype)
 
 
 def _fp16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -101,10 +133,10 @@ def quantize_k(k: torch.Tensor, bits: int, group: int):
 def dequantize_k(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, n_channels: int,
                  dtype=torch.float32) -> torch.Tensor:
     """Inverse of `quantize_k`: (..., T, C) in `dtype`."""
-    codes = unpack(packed, bits, n_channels).to(dtype)
+    codes = unpack_float(packed, bits, n_channels, dtype)
     *lead, T, C = codes.shape
     g = codes.reshape(*lead, T // group, group, C)
-    return (g * scale.to(dtype).unsqueeze(-2) + mn.to(dtype).unsqueeze(-2)).reshape(*lead, T, C)
+    return torch.addcmul(mn.to(dtype).unsqueeze(-2), g, scale.to(dtype).unsqueeze(-2)).reshape(*lead, T, C)
 
 
 def quantize_v(v: torch.Tensor, bits: int, group: int):
@@ -122,7 +154,7 @@ def quantize_v(v: torch.Tensor, bits: int, group: int):
 def dequantize_v(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, group: int, n_channels: int,
                  dtype=torch.float32) -> torch.Tensor:
     """Inverse of `quantize_v`: (..., T, D) in `dtype`."""
-    codes = unpack(packed, bits, n_channels).to(dtype)
+    codes = unpack_float(packed, bits, n_channels, dtype)
     *lead, T, D = codes.shape
     g = codes.reshape(*lead, T, D // group, group)
-    return (g * scale.to(dtype).unsqueeze(-1) + mn.to(dtype).unsqueeze(-1)).reshape(*lead, T, D)
+    return torch.addcmul(mn.to(dtype).unsqueeze(-1), g, scale.to(dtype).unsqueeze(-1)).reshape(*lead, T, D)

@@ -48,6 +48,26 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
+def _check_zip_expansion(path: Path) -> None:
+    """A torch zip file's members may be deflated: cap what they expand to, before torch allocates it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format stores tensors raw: the file size caps them
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(max(0, i.file_size) for i in z.infolist())
+            deflated = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise LeankError(f"{path}: not a loadable tensor file (damaged zip: {e})") from None
+    if total > MAX_IMPORT_BYTES:
+        raise LeankError(f"{path}: its members expand to {total} bytes, far too large for a mask "
+                         f"(at most {MAX_IMPORT_BYTES})")
+    if deflated:  # torch.save never compresses; a compressed member is not a file torch wrote
+        raise LeankError(f"{path}: compressed zip members ({deflated[0]}) are not accepted; torch.save writes "
+                         f"them stored")
+
+
 def import_leank_pth(path: str | Path, arch: str | None) -> Mask:
     """A LeanK released mask (float 0/1, (layers, kv_heads, head_dim), Hugging Face order) as a `Mask`.
 
@@ -55,6 +75,7 @@ def import_leank_pth(path: str | Path, arch: str | None) -> Mask:
     file's own (Hugging Face) order, recorded as `channel_order: hf` in the provenance (for display).
     """
     path = _check_file(Path(path), "LeanK mask file")
+    _check_zip_expansion(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden objects, RuntimeError/EOFError/... for damage

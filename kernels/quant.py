@@ -10,8 +10,6 @@ channel j*per+i in bits [i*bits, (i+1)*bits) (little-endian within the byte), pe
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 PACKABLE_BITS = (2, 4, 8)
@@ -61,30 +59,17 @@ def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.flatten(-2)
 
 
-def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
-    """The packed rows as little-endian int32 words, without a copy, where their layout allows it."""
-    if sys.byteorder != "little" or packed.shape[-1] % 4 or packed.dim() == 0:
-        return None
-    try:
-        return packed.view(torch.int32)
-    except RuntimeError:  # strides or storage offset not word-aligned
-        return None
-
-
 def unpack_float(packed: torch.Tensor, bits: int, n: int, dtype=torch.float32) -> torch.Tensor:
-    """`unpack(...)` as `dtype`. Rows of whole 32-bit words are unpacked a word at a time: the codes of a
-    little-endian word are in channel order (word bit s holds channel s // bits of the word), and int32
-    shifts vectorize where uint8 ones do not (about 3x faster on an AVX2 CPU)."""
-    if bits != 8:
-        words = _as_words(packed)
-        if words is not None:
-            key = ("w", bits, packed.device)
-            shifts = _SHIFTS.get(key)
-            if shifts is None:
-                shifts = _SHIFTS[key] = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
-            codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-            return codes.flatten(-2)[..., :n].to(dtype)
-    return unpack(packed, bits, n).to(dtype)
+    """`unpack(...)` as `dtype`, written straight into the output: code i of every byte is one contiguous
+    shift-and-mask of the packed bytes stored into a strided slice of the result (a single pass per code
+    position, about 4x faster on an AVX2 CPU than unpacking to uint8 and converting)."""
+    if bits == 8:
+        return packed[..., :n].to(dtype)
+    per = codes_per_byte(bits)
+    out = torch.empty(*packed.shape, per, dtype=dtype, device=packed.device)
+    for i in range(per):
+        out[..., i] = (packed >> (i * bits)) & ((1 << bits) - 1)
+    return out.flatten(-2)[..., :n]
 
 
 def _fp16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:

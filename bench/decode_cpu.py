@@ -77,7 +77,7 @@ def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int) -> di
     llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
 
     def last_logits():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
-        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
     ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=True), ctx)

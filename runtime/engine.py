@@ -156,16 +156,14 @@ class Model:
             x = torch.tensor([ids[:n0]], dtype=torch.long, device=self.device)
             hidden = self.transformer(x, cache, logits_for="none")[0]
             logits = self.transformer.output(hidden).float().cpu()
-            nll += F.cross_entropy(logits, target[:n0], reduction="sum").double()
             nll_decode = torch.zeros((), dtype=torch.float64)
             for i in range(n0, len(ids) - 1):
                 x = torch.tensor([[ids[i]]], dtype=torch.long, device=self.device)
-                logits = self.transformer(x, cache, logits_for="last")[0, -1].float().cpu()
-                step = F.cross_entropy(logits[None], target[i : i + 1], reduction="sum").double()
-                nll += step
-                nll_decode += step
+                logits_i = self.transformer(x, cache, logits_for="last")[0, -1].float().cpu()
+                nll_decode += F.cross_entropy(logits_i[None], target[i : i + 1], reduction="sum").double()
                 if progress and (i % 16 == 0 or i == len(ids) - 2):
                     progress(i + 1, len(ids) - 1)
+            nll = F.cross_entropy(logits, target[:n0], reduction="sum").double() + nll_decode
         n = len(ids) - 1
         mean = float(nll) / n
         out = {"tokens": len(ids), "scored": n, "nll": mean, "perplexity": math.exp(mean),

@@ -12,6 +12,22 @@ from leank.convert.synthetic import TinySpec, write_tiny_model
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def _load_bench_fuzz() -> None:
+    """bench/fuzz.py (bench/ is not a package) as the module `leank_bench_fuzz`: test_fuzz.py and
+    test_hostile.py reuse its seeds, mutators and GGUF surgery (`import leank_bench_fuzz as fz`)."""
+    import sys
+
+    name = "leank_bench_fuzz"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / "fuzz.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_load_bench_fuzz()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The team's shared data folder beside the checkout (released LeanK masks, ...); skip without it."""

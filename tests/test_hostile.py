@@ -3,7 +3,6 @@ on, chat templates reaching for Python internals or for all the memory, maliciou
 end in one `LeankError` line, before llama.cpp (which aborts the process on some of them) sees the file."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import pickle
@@ -15,24 +14,12 @@ import time
 import zipfile
 from pathlib import Path
 
+import leank_bench_fuzz as fz  # loaded by conftest.py from bench/fuzz.py (bench/ is not a package)
 import pytest
 import torch
 
 from leank.errors import LeankError
 
-
-def _load_fuzz():
-    """bench/fuzz.py: the GGUF surgery the fuzzer uses (bench/ is not a package)."""
-    name = "leank_bench_fuzz"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / "fuzz.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fz = _load_fuzz()
 U8, U16, U32, I32, F32, STR, ARR, U64, BOOL = fz.U8, fz.U16, fz.U32, fz.I32, fz.F32, fz.STR, fz.ARR, fz.U64, fz.BOOL
 NAN, INF = math.nan, math.inf
 

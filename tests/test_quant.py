@@ -60,14 +60,12 @@ def test_params_cover_the_range_after_float16_rounding():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n", [64, 48, 16, 6])
-def test_unpack_float_equals_unpack(bits, n):
-    """The CPU fast path gives the codes `unpack` gives, for whole buffers, token slices and strided views."""
-    from leank.kernels.quant import unpack_float
-
+def test_unpack_to_float_equals_the_codes(bits, n):
+    """The CPU fast path (codes straight into a float tensor) for whole buffers, token slices and strided views."""
     g = torch.Generator().manual_seed(bits * 100 + n)
     codes = torch.randint(0, 1 << bits, (2, 3, 40, n), generator=g, dtype=torch.uint8)
     packed = pack(codes, bits)
     for p in [packed, packed[:, :, 7:29], packed[:, 1:, ::2], packed.view(-1)[1:1 + 6 * packed.shape[-1]].view(6, -1)]:
-        got = unpack_float(p, bits, n)
+        got = unpack(p, bits, n, torch.float32)
         assert got.dtype == torch.float32 and torch.equal(got, unpack(p, bits, n).float())
-    assert torch.equal(unpack_float(packed, bits, n), codes.float())
+    assert torch.equal(unpack(packed, bits, n, torch.float32), codes.float())

@@ -5,7 +5,10 @@
 
 Each measurement runs in its own process (so peak RSS is that engine's alone): prefill a context of N
 tokens of prose, then greedy-decode --tokens tokens, timing only the decode. Same file, same thread
-count for both engines. Prints a table; append it to bench/RESULTS.md yourself, with the machine.
+count for both engines. On a shared VM speed drifts by tens of percent from minute to minute, so
+`--repeat R` runs every engine R times, interleaved round by round; the table gives the median tok/s
+and the median over rounds of each round's ratio (engines measured minutes apart are never compared).
+Prints a table; append it to bench/RESULTS.md yourself, with the machine.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +105,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--policy", action="append", choices=list(POLICIES), help="leank cache policies")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds; every engine runs once per round (default 1)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -120,28 +125,42 @@ def main() -> None:
 
         a.model = str(default_model_path())
     rows = []
-    for ctx in a.ctx or [512, 4096]:
-        jobs = [("llama.cpp", "-")] + [("leank", p) for p in (a.policy or list(POLICIES))]
-        for engine, policy in jobs:
-            cmd = [sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
-                   "--worker", engine, str(ctx), str(a.tokens), policy]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                print(r.stderr, file=sys.stderr)
-                raise SystemExit(f"{engine} {policy} at {ctx} failed")
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{row['engine']:>9} {row['policy']:>15} ctx {ctx:>5}: decode {row['decode_tok_s']:6.1f} tok/s, "
-                  f"prefill {row['prefill_tok_s']:6.1f} tok/s, peak RSS {row['peak_rss_mib']:6.0f} MiB", flush=True)
+    for rnd in range(a.repeat):
+        for ctx in a.ctx or [512, 4096]:
+            jobs = [("llama.cpp", "-")] + [("leank", p) for p in (a.policy or list(POLICIES))]
+            for engine, policy in jobs:
+                cmd = [sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
+                       "--worker", engine, str(ctx), str(a.tokens), policy]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(r.stderr, file=sys.stderr)
+                    raise SystemExit(f"{engine} {policy} at {ctx} failed")
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                row["round"] = rnd
+                rows.append(row)
+                print(f"round {rnd} {row['engine']:>9} {row['policy']:>15} ctx {ctx:>5}: decode {row['decode_tok_s']:6.1f} tok/s, "
+                      f"prefill {row['prefill_tok_s']:6.1f} tok/s, peak RSS {row['peak_rss_mib']:6.0f} MiB", flush=True)
     print()
-    print("| engine | cache | context | decode tok/s | vs llama.cpp | prefill tok/s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        base = next(r for r in rows if r["engine"] == "llama.cpp" and r["ctx"] == row["ctx"])
-        print(f"| {row['engine']} | {row['policy']} | {row['ctx']} | {row['decode_tok_s']:.1f} | "
-              f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x | {row['prefill_tok_s']:.0f} | {row['peak_rss_mib']:.0f} |")
+    print("| engine | cache | context | decode tok/s (median) | vs llama.cpp (median of rounds) | vs leank dense | prefill tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = list(dict.fromkeys((r["engine"], r["policy"], r["ctx"]) for r in rows))
+
+    def same_round(row, engine, policy):
+        return next(r for r in rows if r["engine"] == engine and r["policy"] == policy and r["ctx"] == row["ctx"]
+                    and r["round"] == row["round"])
+
+    def ratio(mine, engine, policy):
+        return statistics.median(r["decode_tok_s"] / same_round(r, engine, policy)["decode_tok_s"] for r in mine)
+
+    for engine, policy, ctx in keys:
+        mine = [r for r in rows if (r["engine"], r["policy"], r["ctx"]) == (engine, policy, ctx)]
+        vs_dense = f"{ratio(mine, 'leank', 'dense'):.2f}x" if engine == "leank" and any(
+            r["policy"] == "dense" for r in rows) else "-"
+        print(f"| {engine} | {policy} | {ctx} | {statistics.median(r['decode_tok_s'] for r in mine):.1f} | "
+              f"{ratio(mine, 'llama.cpp', 'f16 cache'):.2f}x | {vs_dense} | "
+              f"{statistics.median(r['prefill_tok_s'] for r in mine):.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} |")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "model": a.model}
+            "cpus": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "rounds": a.repeat, "model": a.model}
     print(f"\n{meta}")
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)

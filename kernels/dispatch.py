@@ -1,5 +1,6 @@
 """Which implementation runs the cache's hot operations: TileLang kernels on CUDA when TileLang is
-installed, the torch reference otherwise. TileLang is imported only here, only for a CUDA device."""
+installed, C kernels on a CPU when they compile (`leank.kernels.cpu`), the torch reference otherwise.
+TileLang is imported only here, only for a CUDA device."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,14 @@ def tilelang_available() -> bool:
 def ops_for(device: torch.device):
     """The operations for `device`: a namespace with quantize_k, quantize_v, compressed_attention, name."""
     device = torch.device(device)
+    if device.type == "cpu":
+        if "cpu" not in _cache:
+            from leank.kernels import cpu
+
+            _cache["cpu"] = _REFERENCE if cpu.library() is None else SimpleNamespace(
+                name="C", quantize_k=quant.quantize_k, quantize_v=quant.quantize_v,
+                compressed_attention=cpu.compressed_attention)
+        return _cache["cpu"]
     if device.type != "cuda" or not tilelang_available():
         return _REFERENCE
     if "cuda" not in _cache:
@@ -45,4 +54,8 @@ def active_path(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "TileLang kernels (CUDA)" if tilelang_available() else "torch reference on CUDA (TileLang not installed)"
-    return "torch reference (CPU)"
+    from leank.kernels import cpu
+
+    if cpu.library() is not None:
+        return "C kernels (CPU, compiled on first use)"
+    return f"torch reference (CPU; C kernels unavailable: {cpu.unavailable_reason()})"

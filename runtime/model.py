@@ -43,16 +43,16 @@ class Attention(nn.Module):
         a = self.args
         B, T, _ = x.shape
         qkv = self.wqkv(x)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(B, T, a.n_heads, a.head_dim)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, a.norm_eps)
-            k = rms_norm(k, self.k_norm, a.norm_eps)
-        q = rope.apply(q).transpose(1, 2)
-        k = rope.apply(k).transpose(1, 2)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        return q, k, v
+        v = qkv[..., self.q_size + self.kv_size :].view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if self.q_norm is None:
+            # q and k heads rotate together: one RoPE pass instead of two (decoding is bound by op count)
+            qk = qkv[..., : self.q_size + self.kv_size].view(B, T, a.n_heads + a.n_kv_heads, a.head_dim)
+            q, k = rope.apply(qk).transpose(1, 2).split((a.n_heads, a.n_kv_heads), dim=1)
+            return q, k, v
+        q, k = qkv[..., : self.q_size + self.kv_size].split((self.q_size, self.kv_size), dim=-1)
+        q = rms_norm(q.view(B, T, a.n_heads, a.head_dim), self.q_norm, a.norm_eps)
+        k = rms_norm(k.view(B, T, a.n_kv_heads, a.head_dim), self.k_norm, a.norm_eps)
+        return rope.apply(q).transpose(1, 2), rope.apply(k).transpose(1, 2), v
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache) -> torch.Tensor:
         B, T, _ = x.shape

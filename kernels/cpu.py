@@ -1,0 +1,211 @@
+"""CPU kernels in C, compiled on first use with the system's C compiler and called through ctypes.
+
+Torch on an AVX2 CPU runs a decode step as hundreds of small operations, each a pass over memory:
+attending over 2-bit codes means expanding them to float32, scaling, then multiplying. The kernels in
+`cpu_decode.c` do it in one pass. They are an accelerator, never a requirement: without a compiler
+(or with LEANK_CPU_KERNELS=0) leank uses the torch reference (`leank.kernels.reference`), which
+defines the results; the tests compare the two on random data.
+
+The shared library is built once per source version, compiler and CPU into
+`$LEANK_CACHE_DIR` (default `~/.cache/leank`) / cpu-kernels/, written to a temporary name and
+renamed, so concurrent first runs never load a half-written file.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from leank.kernels import reference
+
+SOURCES = ("cpu_decode.c",)
+HERE = Path(__file__).resolve().parent
+
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LEANK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "leank")
+    return Path(root) / "cpu-kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str) -> Path:
+    src = b"".join((HERE / s).read_bytes() for s in SOURCES)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    # OpenMP links against the libgomp torch has already loaded (same soname), so both share one pool
+    # -fno-trapping-math lets the branch-free exp vectorize (no code here reads floating-point flags)
+    flag_sets = (["-O3", "-fno-trapping-math", "-march=native", "-fopenmp"],
+                 ["-O3", "-fno-trapping-math", "-fopenmp"], ["-O3"])
+    key = hashlib.sha256(src + version.encode() + _cpu_signature().encode() + repr(flag_sets).encode()).hexdigest()[:16]
+    out = cache_dir() / f"leank-cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in flag_sets:
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, *(str(HERE / s) for s in SOURCES), "-lm"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            os.replace(tmp, out)
+            return out
+        os.unlink(tmp)
+        errors.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    fn = lib.leank_attend_layer
+    fn.restype = i
+    fn.argtypes = [p, p, i, i, i, i, f,  # q, out, B, Hkv, R, D, scale
+                   p, p, i64, i64, i64, i,  # full k, v, strides (sequence, head, token), F
+                   i, i, i, i, p, i]  # M, G, k_bits, v_bits, heads table, threads
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (and `unavailable_reason()` says why)."""
+    if "lib" in _state:
+        return _state["lib"]
+    lib, why = None, None
+    if os.environ.get("LEANK_CPU_KERNELS", "1").lower() in ("0", "no", "off", "false"):
+        why = "disabled by LEANK_CPU_KERNELS"
+    elif (cc := _compiler()) is None:
+        why = "no C compiler (cc, gcc or clang) found"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+        except Exception as e:  # a broken toolchain must not stop leank: fall back to torch
+            lib, why = None, f"build failed: {e}"
+    _state["lib"], _state["why"] = lib, why
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _state.get("why")
+
+
+def _ptr(t: torch.Tensor, *index: int) -> int:
+    """Address of element t[index] (leading indices; the rest zero)."""
+    off = sum(i * s for i, s in zip(index, t.stride()))
+    return t.data_ptr() + off * t.element_size()
+
+
+def _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens) -> bool:
+    if q.device.type != "cpu" or q.shape[2] != 1 or full_lens is not None or middle_lens is not None:
+        return False
+    if q.dtype != torch.float32 or full_k.dtype != torch.float32 or full_v.dtype != torch.float32:
+        return False
+    if full_k.stride() != full_v.stride() or full_k.stride(3) != 1:
+        return False
+    D, R = q.shape[3], q.shape[1] // full_k.shape[1]
+    if R > 64 or D > 1024 or D % 8 or group % 8 or D % group or D // group > 64:
+        return False
+    if middle_len:
+        for g in groups:
+            for t, bits in ((g.k, k_bits), (g.v, v_bits)):
+                if t.stride(3) != 1 or (bits == 16 and t.dtype != torch.float32) or (bits < 16 and t.dtype != torch.uint8):
+                    return False
+            for t in (g.k_scale, g.k_min, g.v_scale, g.v_min):
+                if t is not None and (t.dtype != torch.float16 or t.stride(3) != 1 or t.stride(2) != t.shape[3]):
+                    return False
+            if not g.channels.is_contiguous() or g.channels.dtype != torch.int64:
+                return False
+    return True
+
+
+# fields of one (sequence, KV head) row of the table leank_attend_layer reads (see cpu_decode.c)
+_FIELDS = 10
+
+
+def _heads_table(groups, B: int, Hkv: int, middle_len: int):
+    """The per-head table of middle-region addresses. It is kept on the layer's first group and rebuilt
+    only when a buffer moved (buffers grow geometrically: almost every decode step reuses it)."""
+    if not middle_len or not groups:
+        key = (B, Hkv)
+        zeros = _state.setdefault("zeros", {})
+        if key not in zeros:
+            zeros[key] = (ctypes.c_int64 * (B * Hkv * _FIELDS))()
+        return zeros[key]
+    key = (B, Hkv) + tuple(t.data_ptr() if t is not None else 0
+                           for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min))
+    cached = groups[0].cpu_table
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rows = [[0] * _FIELDS for _ in range(B * Hkv)]
+    for g in groups:
+        c = g.channels.shape[1]
+        for i, h in enumerate(g.heads.tolist()):
+            for b in range(B):
+                rows[b * Hkv + h] = [
+                    _ptr(g.k, b, i), g.k.stride(2),
+                    0 if g.k_scale is None else _ptr(g.k_scale, b, i),
+                    0 if g.k_min is None else _ptr(g.k_min, b, i),
+                    _ptr(g.channels, i), c,
+                    _ptr(g.v, b, i), g.v.stride(2),
+                    0 if g.v_scale is None else _ptr(g.v_scale, b, i),
+                    0 if g.v_min is None else _ptr(g.v_min, b, i)]
+    table = (ctypes.c_int64 * (B * Hkv * _FIELDS))(*(x for row in rows for x in row))
+    groups[0].cpu_table = (key, table)
+    return table
+
+
+def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, groups, middle_len: int,
+                         k_bits: int, v_bits: int, group: int, scale: float | None = None,
+                         full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.compressed_attention`, one C call per layer for float32 decoding on CPU; anything else
+    (several query tokens, per-sequence lengths, other dtypes) goes to the reference."""
+    lib = library()
+    if lib is None or not _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens):
+        return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
+                                              full_lens, middle_lens)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
+    return out
+
+
+def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out, threads=None) -> None:
+    """Write the attention of q (B, Hq, 1, D) into `out` (same shape, float32, contiguous)."""
+    B, Hq, _, D = q.shape
+    Hkv, F = full_k.shape[1], full_k.shape[2]
+    R = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qc = q.reshape(B, Hkv, R, D).contiguous()
+    if not (out.is_contiguous() and out.dtype == torch.float32 and out.shape == q.shape):
+        raise ValueError("out must be a contiguous float32 tensor shaped like q")
+    table = _heads_table(groups, B, Hkv, middle_len)
+    sb, sh, st, _ = full_k.stride()
+    rc = lib.leank_attend_layer(qc.data_ptr(), out.data_ptr(), B, Hkv, R, D, scale, full_k.data_ptr(), full_v.data_ptr(),
+                                sb, sh, st, F, middle_len, group, k_bits, v_bits, table,
+                                torch.get_num_threads() if threads is None else threads)
+    if rc != 0:
+        raise RuntimeError(f"leank_attend_layer rejected its arguments (B={B}, Hkv={Hkv}, R={R}, D={D}, G={group})")

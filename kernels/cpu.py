@@ -26,7 +26,7 @@ import torch
 
 from leank.kernels import reference
 
-SOURCES = ("cpu_decode.c",)
+SOURCES = ("cpu_decode.c", "cpu_matmul.c")
 HERE = Path(__file__).resolve().parent
 
 _state: dict = {}
@@ -88,6 +88,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn.argtypes = [p, p, i, i, i, i, f,  # q, out, B, Hkv, R, D, scale
                    p, p, i64, i64, i64, i,  # full k, v, strides (sequence, head, token), F
                    i, i, i, i, p, i]  # M, G, k_bits, v_bits, heads table, threads
+    fn = lib.leank_qmatmul
+    fn.restype = i
+    fn.argtypes = [i, p, i64, i, i, p, i, p, i64, p, i]  # type, w, row bytes, N, K, x, T, y, ldy, bias, threads
+    fn = lib.leank_dequantize_rows
+    fn.restype = i
+    fn.argtypes = [i, p, i64, i, i, p, i, p, i]  # type, w, row bytes, N, K, ids, n, out, threads
+    fn = lib.leank_rms_norm
+    fn.restype = None
+    fn.argtypes = [p, p, f, i, i, p]  # x, w, eps, rows, dim, y
+    fn = lib.leank_dequantize
+    fn.restype = i
+    fn.argtypes = [i, p, i64, i, i, p, i]  # type, w, row bytes, N, K, out, threads
 
 
 def library() -> ctypes.CDLL | None:
@@ -209,3 +221,57 @@ def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, s
                                 torch.get_num_threads() if threads is None else threads)
     if rc != 0:
         raise RuntimeError(f"leank_attend_layer rejected its arguments (B={B}, Hkv={Hkv}, R={R}, D={D}, G={group})")
+
+
+# --- matrices in GGUF's quantized blocks -------------------------------------------------------------
+# GGML type id -> name, for the block types cpu_matmul.c decodes (ggml's layouts)
+BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} rejected its arguments")
+
+
+def qmatmul(blocks: torch.Tensor, qtype: int, k: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, K) float32 @ W^T (+ bias) -> (T, N); W: `blocks` (N, row bytes) uint8 of GGML type `qtype`."""
+    lib = library()
+    x = x.contiguous()
+    n = blocks.shape[0]
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _check(lib.leank_qmatmul(qtype, blocks.data_ptr(), blocks.shape[1], n, k, x.data_ptr(), x.shape[0], y.data_ptr(),
+                             n, None if bias is None else bias.data_ptr(), torch.get_num_threads()), "leank_qmatmul")
+    return y
+
+
+def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """The whole matrix as float32 (N, K)."""
+    lib = library()
+    out = torch.empty(blocks.shape[0], k, dtype=torch.float32)
+    _check(lib.leank_dequantize(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, out.data_ptr(),
+                                torch.get_num_threads()), "leank_dequantize")
+    return out
+
+
+def dequantize_rows(blocks: torch.Tensor, qtype: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape, int64) as float32 (*ids.shape, K)."""
+    lib = library()
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), k, dtype=torch.float32)
+    _check(lib.leank_dequantize_rows(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, flat.data_ptr(),
+                                     flat.numel(), out.data_ptr(), torch.get_num_threads()), "leank_dequantize_rows")
+    return out.view(*ids.shape, k)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dimension for small float32 CPU inputs (a decode step), or None when the
+    caller should use torch (no kernels, other dtypes or devices, or a large input torch does well)."""
+    lib = library()
+    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.numel() > 65536 or not weight.is_contiguous()):
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.leank_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // dim, dim, y.data_ptr())
+    return y

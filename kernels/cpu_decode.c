@@ -109,6 +109,27 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
     return s;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* the dot products of q with 8 rows (ld floats apart) of n floats (n a multiple of 8), as one vector */
+static inline __m256 dots8(const float *restrict q, const float *restrict rows, int64_t ld, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int i = 0; i < n; i += 8) {
+        __m256 x = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + i), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + ld + i), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 2 * ld + i), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 3 * ld + i), a3);
+        a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 4 * ld + i), a4);
+        a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 5 * ld + i), a5);
+        a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 6 * ld + i), a6);
+        a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + 7 * ld + i), a7);
+    }
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 static inline void axpy(float *restrict y, float a, const float *restrict x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
@@ -131,7 +152,35 @@ static inline void expand(const uint8_t *restrict row, int bits, int n, float *r
 #if defined(__AVX2__) && defined(__FMA__)
 static void accumulate(float *restrict o, int R, int D, int G, const float *restrict w, int64_t wr, int64_t wg,
                        const float *restrict rows, int64_t ld, int nt) {
-    for (int r = 0; r < R; r++) {
+    int r = 0;
+    if (G % 32 == 0 && D % 32 == 0)
+        for (; r + 3 <= R; r += 3) /* three query rows share every load of V: 12 accumulators */
+            for (int d = 0; d < D; d += 32) {
+                const float *w0 = w + r * wr + (d / G) * wg, *w1 = w0 + wr, *w2 = w1 + wr;
+                __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+                       a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+                for (int t = 0; t < nt; t++) {
+                    const float *row = rows + t * ld + d;
+                    __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8), v2 = _mm256_loadu_ps(row + 16),
+                           v3 = _mm256_loadu_ps(row + 24);
+                    __m256 x = _mm256_broadcast_ss(w0 + t);
+                    a00 = _mm256_fmadd_ps(x, v0, a00); a01 = _mm256_fmadd_ps(x, v1, a01);
+                    a02 = _mm256_fmadd_ps(x, v2, a02); a03 = _mm256_fmadd_ps(x, v3, a03);
+                    x = _mm256_broadcast_ss(w1 + t);
+                    a10 = _mm256_fmadd_ps(x, v0, a10); a11 = _mm256_fmadd_ps(x, v1, a11);
+                    a12 = _mm256_fmadd_ps(x, v2, a12); a13 = _mm256_fmadd_ps(x, v3, a13);
+                    x = _mm256_broadcast_ss(w2 + t);
+                    a20 = _mm256_fmadd_ps(x, v0, a20); a21 = _mm256_fmadd_ps(x, v1, a21);
+                    a22 = _mm256_fmadd_ps(x, v2, a22); a23 = _mm256_fmadd_ps(x, v3, a23);
+                }
+                float *y = o + r * D + d;
+                __m256 acc[12] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23};
+                for (int i = 0; i < 12; i++) {
+                    float *yi = y + (i / 4) * D + (i % 4) * 8;
+                    _mm256_storeu_ps(yi, _mm256_add_ps(_mm256_loadu_ps(yi), acc[i]));
+                }
+            }
+    for (; r < R; r++) {
         int d = 0;
         if (G % 32 == 0)
             for (; d + 32 <= D; d += 32) {
@@ -203,8 +252,19 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
     float codes[MAX_D + 8], bias[64], mterm[64 * 64];
     float *wv = qs + (size_t)R * c8, *tile = wv + (size_t)R * NG * TB; /* R*NG*TB weights, TB*D codes */
     memset(codes, 0, sizeof(codes));
-    /* scores: full region */
-    for (int t = t0; t < (t1 < F ? t1 : F); t++) {
+    /* scores: full region, eight keys at a time where AVX2 is there */
+    int t = t0;
+    const int fend = t1 < F ? t1 : F;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; t + 8 <= fend; t += 8) {
+        const float *k = h->fk + (int64_t)t * h->f_stride;
+        for (int r = 0; r < R; r++) {
+            __m256 s8 = dots8(h->q + r * D, k, h->f_stride, D);
+            _mm256_storeu_ps(scores + r * n + t - t0, _mm256_mul_ps(s8, _mm256_set1_ps(h->scale)));
+        }
+    }
+#endif
+    for (; t < fend; t++) {
         const float *k = h->fk + (int64_t)t * h->f_stride;
         for (int r = 0; r < R; r++) scores[r * n + t - t0] = dot(h->q + r * D, k, D) * h->scale;
     }
@@ -237,10 +297,20 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
                     }
                     bias[r] = b;
                 }
+#if defined(__AVX2__) && defined(__FMA__)
+                for (int t = j * G; t < (j + 1) * G; t += 8) { /* G is a multiple of 8 */
+                    for (int u = 0; u < 8; u++) expand(K + (int64_t)(t + u) * h->mk_stride, h->k_bits, c, tile + u * c8);
+                    for (int r = 0; r < R; r++) {
+                        __m256 s8 = _mm256_add_ps(dots8(qs + r * c8, tile, c8, c8), _mm256_set1_ps(bias[r]));
+                        _mm256_storeu_ps(scores + r * n + F + t - t0, s8);
+                    }
+                }
+#else
                 for (int t = j * G; t < (j + 1) * G; t++) {
                     expand(K + (int64_t)t * h->mk_stride, h->k_bits, c, codes);
                     for (int r = 0; r < R; r++) scores[r * n + F + t - t0] = dot8(qs + r * c8, codes, c8) + bias[r];
                 }
+#endif
             }
         }
     }

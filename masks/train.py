@@ -202,9 +202,9 @@ def train_mask(model, config: TrainConfig, examples: Callable[[int], Example] | 
         raise LeankError("stages must be 1, 2 or both")
     if config.steps < 1:
         raise LeankError("steps must be at least 1")
-    from leank.runtime.linear import Fp16Linear
+    from leank.runtime.linear import Linear
 
-    if isinstance(model.transformer.output, Fp16Linear):
+    if type(model.transformer.output) is not Linear:  # float16-packed or quantized: no gradients through it
         raise LeankError("training needs gradients through the model: load it with weights='float32' (CPU)")
     examples = examples or generated_examples(model, config)
     lr1 = config.learning_rate(a.arch)

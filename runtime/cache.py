@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from leank.kernels import cpu as cpu_kernels
+
 # Queries attended at once during a long prefill: bounds the (queries x keys) score matrix.
 QUERY_CHUNK = 1024
 
@@ -113,7 +115,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     gqa = Hq != Hkv
-    if T == 1:  # decode: the query sees every key; SDPA's fused kernel is the fewest ops
+    if T == 1:  # decode: the query sees every key
+        if q.device.type == "cpu" and q.dtype == torch.float32 and D % 8 == 0 and cpu_kernels.library() is not None:
+            return cpu_kernels.compressed_attention(q, k, v, [], 0, 16, 16, 8, scale)  # C: no middle region
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     past = S - T
     out = torch.empty_like(q)

@@ -1,17 +1,22 @@
 """Weight matrices and how they are multiplied.
 
-Decoding is bound by reading the weights. On a CPU, a float32 copy of a quantized GGUF doubles what
-float16 would read, and torch has no fast kernels for GGUF's own block formats on AVX2. So on CPU the
-matrices of a quantized (or half-precision) file are stored in float16 and multiplied with FBGEMM's
-fp16 kernel, which computes in float32 (activations stay float32; only the weights are rounded to fp16).
-A float32 file keeps float32 weights, so leank reproduces llama.cpp's float32 arithmetic exactly.
+Decoding is bound by reading the weights. On a CPU leank keeps a quantized GGUF's matrices in the
+file's own blocks and multiplies them with C kernels (`leank.kernels.cpu`, compiled on first use):
+float32 activations times weights decoded exactly as ggml decodes them, reading 3-4x fewer bytes than
+float16. Types those kernels do not know (and machines without a C compiler) store matrices in
+float16 and use FBGEMM's fp16 kernel, which computes in float32. A float32 file keeps float32 weights,
+so leank reproduces llama.cpp's float32 arithmetic exactly.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-WEIGHT_MODES = ("auto", "float32", "float16")
+WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
+
+# Up to this many rows of activations, quantized matrices multiply in C straight from their blocks;
+# more rows (a prompt) amortize decoding the matrix to float32 once for a BLAS matmul.
+QUANT_DIRECT_ROWS = 8
 
 
 def fp16_kernels_available() -> bool:
@@ -72,6 +77,76 @@ class Fp16Linear(Linear):
         return self._numel * 2 + (0 if self.bias is None else self.bias.numel() * 4)
 
 
+class QuantLinear(Linear):
+    """A matrix kept in GGUF's quantized blocks (CPU, float32 activations); see the module docstring.
+
+    `parts`: [(blocks (rows, row bytes) uint8, GGML type id)], stacked along the output rows (q, k and
+    v of different types stay separate parts)."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, int]], in_features: int, bias: torch.Tensor | None = None):
+        from leank.kernels import cpu
+
+        self.parts, self.k = parts, in_features
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._out = sum(b.shape[0] for b, _ in parts)
+        self._lib = cpu.library()
+        # per part: the C call's fixed arguments (type, blocks, row bytes, rows, K) and its first output column
+        self._calls, col = [], 0
+        for b, t in parts:
+            self._calls.append(((t, b.data_ptr(), b.shape[1], b.shape[0], in_features), col))
+            col += b.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.k)
+        T = x2.shape[0]
+        if T > QUANT_DIRECT_ROWS:
+            return F.linear(x2.float(), self.weight, self.bias).view(*lead, self._out)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        y = torch.empty(T, self._out)
+        yp, xp, n_out, threads = y.data_ptr(), x2.data_ptr(), self._out, torch.get_num_threads()
+        bp = None if self.bias is None else self.bias.data_ptr()
+        for fixed, col in self._calls:
+            rc = self._lib.leank_qmatmul(*fixed, xp, T, yp + 4 * col, n_out, None if bp is None else bp + 4 * col, threads)
+            if rc:
+                raise RuntimeError("leank_qmatmul rejected its arguments")
+        return y.view(*lead, self._out)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the matrix as float32 (an embedding lookup): (*ids.shape, in_features)."""
+        from leank.kernels import cpu
+
+        (b, t), = self.parts
+        return cpu.dequantize_rows(b, t, self.k, ids)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix as float32 (decoded: a copy)."""
+        from leank.kernels import cpu
+
+        ws = [cpu.dequantize(b, t, self.k) for b, t in self.parts]
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    def dense(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b, _ in self.parts) + (0 if self.bias is None else self.bias.numel() * 4)
+
+
+def quantized_kernels_for(source_type: str) -> bool:
+    """Whether matrices of GGUF type `source_type` can stay in their blocks on this machine."""
+    from leank.kernels import cpu
+
+    return source_type in cpu.BLOCK_TYPES.values() and cpu.library() is not None
+
+
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> Linear:
     """A `Linear` for `weight` (already in the compute dtype and device) stored as `mode` says:
     'float16' packs it for FBGEMM (CPU float32 compute only), anything else keeps it as it is."""
@@ -81,7 +156,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> L
 
 
 def storage_mode(requested: str, source_type: str, device: torch.device, dtype: torch.dtype) -> str:
-    """How to store a matrix whose GGUF type is `source_type` ('auto' -> float16 on CPU unless F32)."""
+    """How to store a matrix whose GGUF type is `source_type`: on a float32 CPU, 'auto' keeps F32 as
+    float32 and quantized blocks as they are when the C kernels handle them, else float16."""
     if requested not in WEIGHT_MODES:
         from leank.errors import LeankError
 
@@ -89,5 +165,9 @@ def storage_mode(requested: str, source_type: str, device: torch.device, dtype: 
     if device.type != "cpu" or dtype != torch.float32:
         return "dense"
     if requested == "auto":
-        return "float32" if source_type == "F32" else "float16"
+        if source_type == "F32":
+            return "float32"
+        requested = "quantized"
+    if requested == "quantized":
+        return "quantized" if quantized_kernels_for(source_type) else "float16"
     return requested

@@ -6,14 +6,16 @@ attended (`leank.runtime.cache`); this file never looks inside it.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from leank.errors import LeankError
+from leank.kernels import cpu as cpu_kernels
 from leank.runtime.config import ModelArgs
 from leank.runtime.gguf_file import GGUFFile
-from leank.runtime.linear import Linear, make_linear, storage_mode
+from leank.runtime.linear import Linear, QuantLinear, make_linear, storage_mode
 from leank.runtime.rope import Rope, RopeTables
 
 # Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
@@ -23,7 +25,8 @@ FFN_CHUNK_TOKENS = 2048
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # llama.cpp normalizes in float32 whatever the weight type
     if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        y = cpu_kernels.rms_norm(x, weight, eps)  # a decode step's vector: one C call, not six torch ops
+        return F.rms_norm(x, weight.shape, weight, eps) if y is None else y
     return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
 
 
@@ -47,8 +50,8 @@ class Attention(nn.Module):
         if self.q_norm is None:
             # q and k heads rotate together: one RoPE pass instead of two (decoding is bound by op count)
             qk = qkv[..., : self.q_size + self.kv_size].view(B, T, a.n_heads + a.n_kv_heads, a.head_dim)
-            q, k = rope.apply(qk).transpose(1, 2).split((a.n_heads, a.n_kv_heads), dim=1)
-            return q, k, v
+            qk = rope.apply(qk).transpose(1, 2)
+            return qk[:, : a.n_heads], qk[:, a.n_heads :], v
         q, k = qkv[..., : self.q_size + self.kv_size].split((self.q_size, self.kv_size), dim=-1)
         q = rms_norm(q.view(B, T, a.n_heads, a.head_dim), self.q_norm, a.norm_eps)
         k = rms_norm(k.view(B, T, a.n_kv_heads, a.head_dim), self.k_norm, a.norm_eps)
@@ -70,8 +73,8 @@ class FeedForward(nn.Module):
         self.w_down: Linear | None = None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        gate_up = self.w_gate_up(x)
+        return self.w_down(F.silu(gate_up[..., : self.ffn_dim]).mul_(gate_up[..., self.ffn_dim :]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
@@ -90,8 +93,9 @@ class Block(nn.Module):
         self.ffn_norm = torch.empty(0)
 
     def forward(self, x, rope, cache):
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), rope, cache)
-        return h + self.feed_forward(rms_norm(h, self.ffn_norm, self.eps))
+        # .forward directly: nn.Module's call machinery costs more than a decode step's small layers
+        h = x + self.attention.forward(rms_norm(x, self.attn_norm, self.eps), rope, cache)
+        return h + self.feed_forward.forward(rms_norm(h, self.ffn_norm, self.eps))
 
 
 class Transformer(nn.Module):
@@ -105,6 +109,8 @@ class Transformer(nn.Module):
         self.rope: Rope | None = None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.tok_embeddings, QuantLinear):
+            return self.tok_embeddings.rows(tokens)
         return F.embedding(tokens, self.tok_embeddings).to(self.dtype)
 
     def forward(self, tokens: torch.Tensor, cache, logits_for: str = "last") -> torch.Tensor:
@@ -118,7 +124,7 @@ class Transformer(nn.Module):
         rope = self.rope.tables(start, T)
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x, rope, cache)
+            x = block.forward(x, rope, cache)
         if logits_for == "last":
             x = x[:, -1:]
         x = rms_norm(x, self.norm, self.args.norm_eps)
@@ -142,23 +148,52 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
             progress()
         return t
 
+    def blocks(name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """Tensor `name` as its stored rows of quantized blocks (a copy, not a view of the file)."""
+        t = f.tensors.get(name)
+        if t is None:
+            raise LeankError(f"{f.path}: tensor {name!r} is missing")
+        if tuple(t.numpy_shape) != shape:
+            raise LeankError(f"{f.path}: tensor {name!r} has shape {tuple(t.numpy_shape)}, expected {shape}")
+        data = torch.from_numpy(np.array(f.tensor_data(t), copy=True, order="C"))
+        if progress is not None:
+            progress()
+        return data, int(t.tensor_type)
+
+    def quantized(names: list[str], shapes: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, int]]:
+        parts: list[tuple[torch.Tensor, int]] = []
+        for n, s in zip(names, shapes):
+            b, t = blocks(n, s)
+            if parts and parts[-1][1] == t:  # same type as the previous part: one matrix
+                parts[-1] = (torch.cat([parts[-1][0], b]), t)
+            else:
+                parts.append((b, t))
+        return parts
+
     def linear(names: list[str], shapes: list[tuple[int, ...]], bias_names: list[str] | None = None) -> Linear:
-        mode = storage_mode(weights, f.tensor_type_name(names[0]), device, dtype)
-        weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
+        modes = {storage_mode(weights, f.tensor_type_name(n), device, dtype) for n in names}
+        mode = modes.pop() if len(modes) == 1 else "float16"
         bias = None
         if bias_names:
             bias = torch.cat([w(n, (s[0],)) for n, s in zip(bias_names, shapes)])
+        if mode == "quantized":
+            return QuantLinear(quantized(names, shapes), shapes[0][1], bias)
+        weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
         return make_linear(weight, bias, mode)
 
     a = args
     qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     emb_mode = storage_mode(weights, f.tensor_type_name("token_embd.weight"), device, dtype)
-    emb = w("token_embd.weight", (a.vocab_size, a.dim))
-    # the lookup table only feeds one row per token: float16 halves its memory at no speed cost
-    model.tok_embeddings = emb.half() if emb_mode == "float16" else emb
+    if emb_mode == "quantized":  # rows are decoded as tokens come: the table stays in its blocks
+        model.tok_embeddings = QuantLinear(quantized(["token_embd.weight"], [(a.vocab_size, a.dim)]), a.dim)
+        emb = None
+    else:
+        emb = w("token_embd.weight", (a.vocab_size, a.dim))
+        # the lookup table only feeds one row per token: float16 halves its memory at no speed cost
+        model.tok_embeddings = emb.half() if emb_mode == "float16" else emb
     model.norm = w("output_norm.weight", (a.dim,))
     if a.tied_embeddings:
-        model.output = make_linear(emb, None, emb_mode)
+        model.output = model.tok_embeddings if emb is None else make_linear(emb, None, emb_mode)
     else:
         model.output = linear(["output.weight"], [(a.vocab_size, a.dim)])
     del emb

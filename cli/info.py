@@ -44,7 +44,8 @@ def print_summary(s: dict) -> None:
                        ("parameters", "parameters"), ("layers", "layers"), ("width", "width"),
                        ("heads", "heads (query / KV)"), ("head_dim", "head size"), ("ffn_dim", "feed-forward"),
                        ("vocab_size", "vocabulary"), ("context_length", "context"), ("rope", "RoPE"),
-                       ("tensor_types", "tensor types"), ("file_bytes", "file size"), ("attention_path", "attention")):
+                       ("tensor_types", "tensor types"), ("file_bytes", "file size"), ("weights_path", "matrices"),
+                       ("attention_path", "attention")):
         value = s.get(key)
         if key == "file_bytes":
             value = human_bytes(value)

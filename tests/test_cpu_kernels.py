@@ -135,3 +135,78 @@ def test_fresh_build_into_an_empty_cache_dir(tmp_path):
     assert len(built) == 1
     assert not list((tmp_path / "cpu-kernels").glob(".build-*"))  # no temporary left behind
     assert dispatch.ops_for("cpu").name == "C"
+
+
+# --- quantized matrices ----------------------------------------------------------------------------
+def random_blocks(type_name: str, rows: int, k: int, seed: int = 0):
+    """Random GGUF blocks of `type_name` (every byte random, the float16 scales set to sane values)."""
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    qt = Q[type_name]
+    bs, tb = GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, k // bs * tb), dtype=np.uint8)
+    blk = raw.reshape(rows, k // bs, tb)
+    halves = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}[type_name]
+    for off in halves:
+        h = (rng.random((rows, k // bs)) * 0.02 + 0.001).astype(np.float16)
+        blk[:, :, off : off + 2] = h.view(np.uint8).reshape(rows, k // bs, 2)
+    return raw, int(qt)
+
+
+BLOCK_TYPE_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@needs_lib
+@pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
+def test_block_decoding_matches_gguf_py(type_name):
+    import gguf
+
+    raw, qt = random_blocks(type_name, 37, 512)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qt).reshape(37, 512))
+    blocks = torch.from_numpy(raw.copy())
+    assert torch.equal(cpu.dequantize(blocks, qt, 512), ref)
+    ids = torch.tensor([[36, 0], [5, 5]])
+    assert torch.equal(cpu.dequantize_rows(blocks, qt, 512, ids), ref[ids])
+    with pytest.raises(RuntimeError):
+        cpu.dequantize_rows(blocks, qt, 512, torch.tensor([37]))
+
+
+@needs_lib
+@pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
+    import gguf
+
+    raw, qt = random_blocks(type_name, 45, 768, seed=rows)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, qt).reshape(45, 768))
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    y = cpu.qmatmul(torch.from_numpy(raw.copy()), qt, 768, x)
+    ref = x.double() @ w.double().T
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_lib
+def test_quant_linear_parts_bias_and_long_inputs():
+    """q, k and v of different types stay separate parts; prompts (many rows) take the float32 path."""
+    import gguf
+
+    from leank.runtime.linear import QUANT_DIRECT_ROWS, QuantLinear
+
+    parts, dense = [], []
+    for i, name in enumerate(["Q4_1", "Q8_0", "Q6_K"]):
+        raw, qt = random_blocks(name, 16 + 8 * i, 256, seed=i)
+        parts.append((torch.from_numpy(raw.copy()), qt))
+        dense.append(torch.from_numpy(gguf.quants.dequantize(raw, qt).reshape(-1, 256)))
+    w = torch.cat(dense)
+    bias = torch.randn(w.shape[0])
+    lin = QuantLinear(parts, 256, bias)
+    assert lin.out_features == w.shape[0] and torch.equal(lin.weight, w)
+    for rows in (1, 5, QUANT_DIRECT_ROWS + 1, 40):
+        x = torch.randn(2, rows, 256)
+        ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+        got = lin(x)
+        assert got.shape == (2, rows, w.shape[0])
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

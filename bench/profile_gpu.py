@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--dump-source", type=Path, default=None, help="write each compiled kernel's CUDA source here")
     a = ap.parse_args()
     pruned, kb, vb = ag.METHODS[a.method]
     kept_all = torch.load(a.mask, weights_only=True) > 0.5
@@ -37,6 +38,11 @@ def main() -> None:
     t0 = time.time()
     tlo.precompile(tlo.decode_specs(ag.D, ag.HQ // ag.HKV, ag.DTYPE, kept.sum(-1).tolist(), kb, vb, ag.GROUP))
     print(f"kernels ready in {time.time() - t0:.1f} s; kept counts {kept.sum(-1).tolist()}")
+    if a.dump_source:
+        a.dump_source.mkdir(parents=True, exist_ok=True)
+        for i, (spec, k) in enumerate(tlo._KERNELS.items()):
+            name = "-".join(str(x) for x in spec)[:120].replace("/", "_").replace(" ", "")
+            (a.dump_source / f"{i:02d}-{name}.cu").write_text(f"// {spec}\n" + k.get_kernel_source())
     gen = torch.Generator(device="cuda").manual_seed(0)
     full_k, full_v, groups, M, nbytes = ag.make_layer(kept, a.batch, a.context, kb, vb, gen)
     q = ag.rand((a.batch, ag.HQ, 1, ag.D), ag.DTYPE, gen)

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def _build(cc: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # a few seconds, once per machine: say so on a terminal, stay quiet in pipelines
+        print("leank: building the CPU kernels (once, a few seconds)...", file=sys.stderr, flush=True)
     errors = []
     for flags in flag_sets:
         fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)

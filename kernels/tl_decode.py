@@ -15,6 +15,8 @@ read once per KV head; both products run on tensor cores (mma), softmax statisti
 Reference: `leank.kernels.reference.compressed_attention`.
 """
 
+import os
+
 import tilelang.language as T
 
 ACCUM = "float32"
@@ -100,6 +102,20 @@ __device__ __forceinline__ void {fv}(unsigned w, T scale, T mn, void* op) {{
 #endif
 """
     return fk, fv, src
+
+
+def _v_word(i, words: int):
+    """(row, word) of the V tile that linear index i unpacks. Eight consecutive threads (one shared-store
+    phase) take the first half of two rows' words, then the second half: with TileLang's swizzled tile
+    (16-byte chunk ^ row % 8 within 128-byte rows), an even and an odd row land on distinct banks. Row by
+    row, a 256-byte row's two 128-byte panels collided pairwise (ncu on an H100: a 2-way conflict on every
+    V store, 39 % of all shared-store wavefronts; bench/KERNEL_NOTES.md)."""
+    if words % 2 or os.environ.get("LEANK_TL_VMAP", "1") == "0":  # LEANK_TL_VMAP=0: row by row (before)
+        return i // words, i % words
+    half = words // 2
+    j = i % (2 * words)
+    q = j // half
+    return i // (2 * words) * 2 + q % 2, q // 2 * half + j % half
 
 
 def _round_up(x: int, m: int) -> int:
@@ -466,12 +482,12 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                             T.sync_threads()
                         for it in T.serial(T.ceildiv(BN * VW, threads)):
                             if it * threads + tx < BN * VW:
-                                T.call_extern("handle", name_v, vc_s[(it * threads + tx) // VW, (it * threads + tx) % VW],
-                                              vs_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW // G],
-                                              vm_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW // G],
+                                vrow, vword = _v_word(it * threads + tx, VW)
+                                T.call_extern("handle", name_v, vc_s[vrow, vword],
+                                              vs_s[vrow, vword * VCPW // G], vm_s[vrow, vword * VCPW // G],
                                               T.address_of(vv_l[0]))
                                 for e in T.vectorized(VCPW):
-                                    v_s[(it * threads + tx) // VW, (it * threads + tx) % VW * VCPW + e] = vv_l[e]
+                                    v_s[vrow, vword * VCPW + e] = vv_l[e]
                     else:
                         for t, d in T.Parallel(BN, D):
                             code = (vc_s[t, d // v_per] >> ((d % v_per) * v_bits)) & v_mask

@@ -118,6 +118,9 @@ class QuantLinear(Linear):
         from leank.kernels import cpu
 
         (b, t), = self.parts
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= b.shape[0]):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise IndexError(f"token id {bad} is out of range for a vocabulary of {b.shape[0]}")
         return cpu.dequantize_rows(b, t, self.k, ids)
 
     @property

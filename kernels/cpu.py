@@ -143,7 +143,7 @@ def _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, ful
     if full_k.stride() != full_v.stride() or full_k.stride(3) != 1:
         return False
     D, R = q.shape[3], q.shape[1] // full_k.shape[1]
-    if R > 64 or D > 1024 or D % 8 or group % 8 or D % group or D // group > 64:
+    if R > 64 or D > 1024 or D % 8 or group % 8 or D % group or D // group > 64 or q.shape[0] * full_k.shape[1] > 4096:
         return False
     if middle_len:
         for g in groups:

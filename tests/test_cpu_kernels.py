@@ -99,6 +99,10 @@ def test_what_the_kernel_does_not_handle_goes_to_the_reference():
     lens = torch.tensor([40, 20])
     assert torch.equal(cpu.compressed_attention(q, fk, fv, groups, 64, 2, 2, 32, 0.1, lens, torch.tensor([64, 32])),
                        reference.compressed_attention(q, fk, fv, groups, 64, 2, 2, 32, 0.1, lens, torch.tensor([64, 32])))
+    # more (sequence, head) pairs than the kernel's work list holds
+    qm, km, vm = torch.randn(1100, 8, 1, 64), torch.randn(1100, 4, 9, 64), torch.randn(1100, 4, 9, 64)
+    assert torch.equal(cpu.compressed_attention(qm, km, vm, [], 0, 16, 16, 8, 0.1),
+                       reference.compressed_attention(qm, km, vm, [], 0, 16, 16, 8, 0.1))
     qb, fkb, fvb = q.bfloat16(), fk.bfloat16(), fv.bfloat16()
     assert torch.equal(cpu.compressed_attention(qb, fkb, fvb, groups, 64, 2, 2, 32, 0.1),
                        reference.compressed_attention(qb, fkb, fvb, groups, 64, 2, 2, 32, 0.1))

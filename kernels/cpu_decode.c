@@ -298,6 +298,8 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
                     bias[r] = b;
                 }
 #if defined(__AVX2__) && defined(__FMA__)
+                if (j == m0 / G) /* expand writes whole bytes' worth of codes: zero the rest of each c8 row */
+                    memset(tile, 0, sizeof(float) * 8 * (size_t)c8);
                 for (int t = j * G; t < (j + 1) * G; t += 8) { /* G is a multiple of 8 */
                     for (int u = 0; u < 8; u++) expand(K + (int64_t)(t + u) * h->mk_stride, h->k_bits, c, tile + u * c8);
                     for (int r = 0; r < R; r++) {

@@ -12,11 +12,13 @@
    The quantized values are never written out as floats: for K the scale of a token group is folded into
    the query (q_i * scale_i) and its min into a per-group bias (sum_i q_i * min_i); for V the weight of
    a token is folded into its per-group scale (p_t * scale_tg) and the mins are summed separately. Codes
-   are expanded a byte at a time through a lookup table into a small stack buffer. */
+   are expanded a byte at a time through a lookup table into a small tile. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_common.h"
 
 #define MAX_D 1024
 #define TB 32 /* tokens per tile when summing V */
@@ -32,36 +34,6 @@ static void init_luts(void) {
     }
     lut_ready = 1;
 }
-
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__F16C__)
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-#else
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f;
-    uint32_t man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalize */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-#endif
 
 /* exp(x) for x <= 0 (scores minus their maximum), within 2 ulp; branch-free so loops over it vectorize.
    Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 polynomial for exp(r). */
@@ -81,32 +53,6 @@ static inline float exp_nonpos(float x) {
     p = p * r * r + r + 1.0f;
     scale.i = (t.i - 0x4b400000 + 127) << 23;
     return p * scale.f;
-}
-
-/* n a multiple of 8 */
-#if defined(__AVX2__) && defined(__FMA__)
-static inline float dot8(const float *restrict a, const float *restrict b, int n) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (int i = 8; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-#else
-static inline float dot8(const float *restrict a, const float *restrict b, int n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < n; i += 8)
-        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-#endif
-
-static inline float dot(const float *restrict a, const float *restrict b, int n) {
-    int n8 = n & ~7;
-    float s = n8 ? dot8(a, b, n8) : 0.0f;
-    for (int i = n8; i < n; i++) s += a[i] * b[i];
-    return s;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -249,9 +195,8 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
     const int R = h->R, D = h->D, G = h->G, F = h->F, n = t1 - t0;
     const int c = h->c, c8 = (c + 7) & ~7, NG = D / G;
     float *scores = work, *qc = work + (size_t)R * n, *qs = qc + (size_t)R * c8;
-    float codes[MAX_D + 8], bias[64], mterm[64 * 64];
+    float bias[64], mterm[64 * 64];
     float *wv = qs + (size_t)R * c8, *tile = wv + (size_t)R * NG * TB; /* R*NG*TB weights, TB*D codes */
-    memset(codes, 0, sizeof(codes));
     /* scores: full region, eight keys at a time where AVX2 is there */
     int t = t0;
     const int fend = t1 < F ? t1 : F;
@@ -266,7 +211,7 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
 #endif
     for (; t < fend; t++) {
         const float *k = h->fk + (int64_t)t * h->f_stride;
-        for (int r = 0; r < R; r++) scores[r * n + t - t0] = dot(h->q + r * D, k, D) * h->scale;
+        for (int r = 0; r < R; r++) scores[r * n + t - t0] = leank_dot(h->q + r * D, k, D) * h->scale;
     }
     /* scores: middle region, tokens [m0, m1) */
     int m0 = (t0 > F ? t0 : F) - F, m1 = t1 - F;
@@ -279,15 +224,15 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
             const float *K = (const float *)h->mk;
             for (int t = m0; t < m1; t++)
                 for (int r = 0; r < R; r++)
-                    scores[r * n + F + t - t0] = dot(qc + r * c8, K + (int64_t)t * h->mk_stride, c) * h->scale;
+                    scores[r * n + F + t - t0] = leank_dot(qc + r * c8, K + (int64_t)t * h->mk_stride, c) * h->scale;
         } else {
             const uint8_t *K = (const uint8_t *)h->mk;
             for (int j = m0 / G; j < m1 / G; j++) {
                 /* fold this token group's per-channel scale into the query, its min into a bias */
                 float sc[MAX_D], mn[MAX_D];
                 for (int i = 0; i < c; i++) {
-                    sc[i] = half_to_float(h->ks[(int64_t)j * c + i]) * h->scale;
-                    mn[i] = half_to_float(h->km[(int64_t)j * c + i]) * h->scale;
+                    sc[i] = leank_half_to_float(h->ks[(int64_t)j * c + i]) * h->scale;
+                    mn[i] = leank_half_to_float(h->km[(int64_t)j * c + i]) * h->scale;
                 }
                 for (int r = 0; r < R; r++) {
                     float b = 0.0f;
@@ -308,9 +253,11 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
                     }
                 }
 #else
+                if (j == m0 / G) /* expand writes whole bytes' worth of codes: zero the rest of the c8 row */
+                    memset(tile, 0, sizeof(float) * (size_t)c8);
                 for (int t = j * G; t < (j + 1) * G; t++) {
-                    expand(K + (int64_t)t * h->mk_stride, h->k_bits, c, codes);
-                    for (int r = 0; r < R; r++) scores[r * n + F + t - t0] = dot8(qs + r * c8, codes, c8) + bias[r];
+                    expand(K + (int64_t)t * h->mk_stride, h->k_bits, c, tile);
+                    for (int r = 0; r < R; r++) scores[r * n + F + t - t0] = leank_dot(qs + r * c8, tile, c8) + bias[r];
                 }
 #endif
             }
@@ -363,8 +310,8 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
                 for (int u = 0; u < nt; u++) {
                     expand(V + (int64_t)(t + u) * h->mv_stride, h->v_bits, D, tile + u * D);
                     for (int g = 0; g < NG; g++) {
-                        float s = half_to_float(h->vs[(int64_t)(t + u) * NG + g]);
-                        float m = half_to_float(h->vm[(int64_t)(t + u) * NG + g]);
+                        float s = leank_half_to_float(h->vs[(int64_t)(t + u) * NG + g]);
+                        float m = leank_half_to_float(h->vm[(int64_t)(t + u) * NG + g]);
                         for (int r = 0; r < R; r++) {
                             float p = scores[r * n + F + t + u - t0];
                             wv[(r * NG + g) * TB + u] = p * s;

@@ -10,42 +10,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "cpu_common.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
-#if defined(__F16C__)
-static inline float h2f(const uint8_t *p) {
+static inline float h2f(const uint8_t *p) { /* a float16 field of a block */
     uint16_t h;
     memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
+    return leank_half_to_float(h);
 }
-#else
-static inline float h2f(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-#endif
 
 /* GGML type ids */
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
@@ -176,27 +150,6 @@ static void decode_block(int type, const uint8_t *b, float *y) {
     }
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int n) {
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
-    }
-    __m256 acc = _mm256_add_ps(a0, a1);
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    float s = _mm_cvtss_f32(x);
-#else
-    float s = 0.0f;
-    int i = 0;
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 bytes_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
@@ -220,7 +173,6 @@ static float row_dot_fast(int type, const uint8_t *row, int nb, const float *x) 
     } else {
         /* sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i; for Q4_0, m = -8 d */
         const int bb = type == Q4_1 ? 20 : 18, qoff = type == Q4_1 ? 4 : 2;
-        float msum = 0.0f;
         for (int i = 0; i < nb; i++, row += bb, x += 32) {
             float d = h2f(row), m = type == Q4_1 ? h2f(row + 2) : -8.0f * d;
             __m128i v = _mm_loadu_si128((const __m128i *)(row + qoff));
@@ -238,13 +190,8 @@ static float row_dot_fast(int type, const uint8_t *row, int nb, const float *x) 
             __m256 xs = _mm256_add_ps(_mm256_add_ps(xa, xb), _mm256_add_ps(xc, xd));
             acc2 = _mm256_fmadd_ps(_mm256_set1_ps(m), xs, acc2);
         }
-        (void)msum;
     }
-    __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return leank_hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 #endif
 
@@ -264,8 +211,7 @@ int leank_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int N, int K, c
         tmp = (float *)malloc(sizeof(float) * (size_t)K * (size_t)(threads > 0 ? threads : 1));
         if (!tmp) return -1;
     }
-    int nt = threads > 0 ? threads : 1;
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (int64_t)n * row_bytes;
         float b = bias ? bias[n] : 0.0f;
@@ -281,7 +227,7 @@ int leank_qmatmul(int type, const uint8_t *w, int64_t row_bytes, int N, int K, c
 #endif
         float *dec = tmp + (size_t)me * K;
         for (int i = 0; i < nb; i++) decode_block(type, row + (int64_t)i * bb, dec + (int64_t)i * bs);
-        for (int t = 0; t < T; t++) y[(int64_t)t * ldy + n] = dot(dec, x + (int64_t)t * K, K) + b;
+        for (int t = 0; t < T; t++) y[(int64_t)t * ldy + n] = leank_dot(dec, x + (int64_t)t * K, K) + b;
     }
     free(tmp);
     return 0;
@@ -294,8 +240,7 @@ int leank_dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int N, 
     if (!bs || K % bs || row_bytes != (int64_t)(K / bs) * bb) return -1;
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= N) return -1;
-    int nt = threads > 0 ? threads : 1;
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int i = 0; i < n; i++) {
         const uint8_t *row = w + ids[i] * row_bytes;
         for (int j = 0; j < K / bs; j++) decode_block(type, row + (int64_t)j * bb, out + (int64_t)i * K + (int64_t)j * bs);
@@ -307,8 +252,7 @@ int leank_dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, int N, 
 int leank_dequantize(int type, const uint8_t *w, int64_t row_bytes, int N, int K, float *out, int threads) {
     int bs = block_size(type), bb = block_bytes(type);
     if (!bs || K % bs || row_bytes != (int64_t)(K / bs) * bb) return -1;
-    int nt = threads > 0 ? threads : 1;
-    #pragma omp parallel for num_threads(nt) schedule(static)
+    #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (int64_t)n * row_bytes;
         for (int j = 0; j < K / bs; j++) decode_block(type, row + (int64_t)j * bb, out + (int64_t)n * K + (int64_t)j * bs);

@@ -28,6 +28,7 @@ import torch
 from leank.kernels import reference
 
 SOURCES = ("cpu_decode.c", "cpu_matmul.c")
+HEADERS = ("cpu_common.h",)
 HERE = Path(__file__).resolve().parent
 
 _state: dict = {}
@@ -57,7 +58,7 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join((HERE / s).read_bytes() for s in SOURCES)
+    src = b"".join((HERE / s).read_bytes() for s in SOURCES + HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     # OpenMP links against the libgomp torch has already loaded (same soname), so both share one pool
     # -fno-trapping-math lets the branch-free exp vectorize (no code here reads floating-point flags)
@@ -208,6 +209,19 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     return out
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
+    """One decode step of plain (dense) attention, q (B, Hq, 1, D) over k, v (B, Hkv, S, D), in C; None when
+    the kernels cannot take it (the caller then uses torch)."""
+    if q.device.type != "cpu" or (lib := library()) is None:  # never build CPU kernels for a GPU run
+        return None
+    # no middle region: the group size only has to divide D (checked like any other)
+    if not _supported(q, k, v, [], 0, 16, 16, 8, None, None):
+        return None
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _attend(lib, q, k, v, [], 0, 16, 16, 8, scale, out)
+    return out
+
+
 def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out, threads=None) -> None:
     """Write the attention of q (B, Hq, 1, D) into `out` (same shape, float32, contiguous)."""
     B, Hq, _, D = q.shape
@@ -231,47 +245,33 @@ def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, s
 BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"{what} rejected its arguments")
-
-
-def qmatmul(blocks: torch.Tensor, qtype: int, k: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, K) float32 @ W^T (+ bias) -> (T, N); W: `blocks` (N, row bytes) uint8 of GGML type `qtype`."""
-    lib = library()
-    x = x.contiguous()
-    n = blocks.shape[0]
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _check(lib.leank_qmatmul(qtype, blocks.data_ptr(), blocks.shape[1], n, k, x.data_ptr(), x.shape[0], y.data_ptr(),
-                             n, None if bias is None else bias.data_ptr(), torch.get_num_threads()), "leank_qmatmul")
-    return y
-
-
 def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The whole matrix as float32 (N, K)."""
     lib = library()
     out = torch.empty(blocks.shape[0], k, dtype=torch.float32)
-    _check(lib.leank_dequantize(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, out.data_ptr(),
-                                torch.get_num_threads()), "leank_dequantize")
+    if lib.leank_dequantize(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, out.data_ptr(),
+                            torch.get_num_threads()):
+        raise RuntimeError("leank_dequantize rejected its arguments")
     return out
 
 
 def dequantize_rows(blocks: torch.Tensor, qtype: int, k: int, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (any shape, int64) as float32 (*ids.shape, K)."""
+    """Rows `ids` (any shape, int64) as float32 (*ids.shape, K); IndexError for an id out of range."""
     lib = library()
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(flat.numel(), k, dtype=torch.float32)
-    _check(lib.leank_dequantize_rows(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, flat.data_ptr(),
-                                     flat.numel(), out.data_ptr(), torch.get_num_threads()), "leank_dequantize_rows")
+    if lib.leank_dequantize_rows(qtype, blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k, flat.data_ptr(),
+                                 flat.numel(), out.data_ptr(), torch.get_num_threads()):
+        bad = next(i for i in flat.tolist() if not 0 <= i < blocks.shape[0])  # the only argument callers pass unchecked
+        raise IndexError(f"token id {bad} is out of range for a vocabulary of {blocks.shape[0]}")
     return out.view(*ids.shape, k)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm over the last dimension for small float32 CPU inputs (a decode step), or None when the
     caller should use torch (no kernels, other dtypes or devices, or a large input torch does well)."""
-    lib = library()
-    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or x.numel() > 65536 or not weight.is_contiguous()):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.numel() > 65536 or not weight.is_contiguous() or (lib := library()) is None):
         return None
     x = x.contiguous()
     y = torch.empty_like(x)

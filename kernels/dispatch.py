@@ -37,8 +37,7 @@ def ops_for(device: torch.device):
             from leank.kernels import cpu
 
             _cache["cpu"] = _REFERENCE if cpu.library() is None else SimpleNamespace(
-                name="C", quantize_k=quant.quantize_k, quantize_v=quant.quantize_v,
-                compressed_attention=cpu.compressed_attention)
+                **{**vars(_REFERENCE), "name": "C", "compressed_attention": cpu.compressed_attention})
         return _cache["cpu"]
     if device.type != "cuda" or not tilelang_available():
         return _REFERENCE

@@ -15,8 +15,6 @@ read once per KV head; both products run on tensor cores (mma), softmax statisti
 Reference: `leank.kernels.reference.compressed_attention`.
 """
 
-import os
-
 import tilelang.language as T
 
 ACCUM = "float32"
@@ -110,7 +108,7 @@ def _v_word(i, words: int):
     (16-byte chunk ^ row % 8 within 128-byte rows), an even and an odd row land on distinct banks. Row by
     row, a 256-byte row's two 128-byte panels collided pairwise (ncu on an H100: a 2-way conflict on every
     V store, 39 % of all shared-store wavefronts; bench/KERNEL_NOTES.md)."""
-    if words % 2 or os.environ.get("LEANK_TL_VMAP", "1") == "0":  # LEANK_TL_VMAP=0: row by row (before)
+    if words % 2:
         return i // words, i % words
     half = words // 2
     j = i % (2 * words)

@@ -115,10 +115,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     gqa = Hq != Hkv
-    if T == 1:  # decode: the query sees every key
-        if q.device.type == "cpu" and q.dtype == torch.float32 and D % 8 == 0 and cpu_kernels.library() is not None:
-            return cpu_kernels.compressed_attention(q, k, v, [], 0, 16, 16, 8, scale)  # C: no middle region
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if T == 1:  # decode: the query sees every key; C kernels on a float32 CPU, else SDPA
+        out = cpu_kernels.decode_attention(q, k, v, scale)
+        return out if out is not None else F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     past = S - T
     out = torch.empty_like(q)
     for i0 in range(0, T, QUERY_CHUNK):

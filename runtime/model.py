@@ -140,21 +140,25 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
     `weights` chooses how matrices are stored on a float32 CPU (see `leank.runtime.linear`)."""
     model = Transformer(args, device, dtype)
 
+    def checked(name: str, shape: tuple[int, ...]):
+        """The header entry of tensor `name`, which must have `shape` (torch order)."""
+        t = f.tensors.get(name)
+        if t is None:
+            raise LeankError(f"{f.path}: tensor {name!r} is missing")
+        if tuple(t.numpy_shape) != shape:
+            raise LeankError(f"{f.path}: tensor {name!r} has shape {tuple(t.numpy_shape)}, expected {shape}")
+        return t
+
     def w(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        checked(name, shape)
         t = f.load(name, dtype, device)
-        if tuple(t.shape) != shape:
-            raise LeankError(f"{f.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
         if progress is not None:
             progress()
         return t
 
     def blocks(name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
         """Tensor `name` as its stored rows of quantized blocks (a copy, not a view of the file)."""
-        t = f.tensors.get(name)
-        if t is None:
-            raise LeankError(f"{f.path}: tensor {name!r} is missing")
-        if tuple(t.numpy_shape) != shape:
-            raise LeankError(f"{f.path}: tensor {name!r} has shape {tuple(t.numpy_shape)}, expected {shape}")
+        t = checked(name, shape)
         data = torch.from_numpy(np.array(f.tensor_data(t), copy=True, order="C"))
         if progress is not None:
             progress()

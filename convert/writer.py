@@ -20,47 +20,9 @@ from typing import Callable
 import numpy as np
 
 from leank.errors import LeankError
+from leank.runtime.outputs import TMP_MARK, atomic_write, check_output, remove_stale_temporaries, temporary_path  # noqa: F401
 
 CHUNK_BYTES = 16 << 20
-TMP_MARK = ".leank-tmp-"
-
-
-def temporary_path(dst: Path, pid: int | None = None) -> Path:
-    """The hidden file `dst` is written to before the rename: `.NAME.leank-tmp-PID` beside it."""
-    return dst.parent / f".{dst.name}{TMP_MARK}{os.getpid() if pid is None else pid}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # someone else's process; no PID we could have had: not ours
-        return True
-    return pid > 0
-
-
-def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Remove the temporaries a killed writer of `dst` left behind (those whose PID no longer runs, and
-    this process's own); returns what was removed. A writer still running keeps its file."""
-    prefix = f".{dst.name}{TMP_MARK}"
-    removed = []
-    try:
-        entries = list(os.scandir(dst.parent if str(dst.parent) else "."))
-    except OSError:
-        return removed
-    for entry in entries:
-        pid_text = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
-        if not (pid_text.isascii() and pid_text.isdigit()) or not entry.is_file(follow_symlinks=False):
-            continue
-        pid = int(pid_text)
-        if pid == os.getpid() or not _alive(pid):
-            try:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-            except OSError:
-                pass
-    return removed
 
 
 @dataclass
@@ -140,17 +102,7 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
     byte unless `transform(tensor_info, data)` returns `(array, ggml_type)` to store instead.
     """
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise LeankError(f"{dst}: already exists (use --force to overwrite)")
-    if dst.exists() and dst.is_dir():
-        raise LeankError(f"{dst}: is a directory")
-    if dst.exists() and dst.resolve() == Path(src.path).resolve():
-        raise LeankError(f"{dst}: is the input file; write to another path")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise LeankError(f"{parent}: no such directory")
-    if not os.access(parent, os.W_OK):
-        raise LeankError(f"{parent}: directory is not writable")
+    check_output(dst, force=force, inputs=[src.path])  # before any work; atomic_write checks again
 
     new = MetadataRecords()
     if add_metadata is not None:
@@ -173,12 +125,11 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
     alignment = src.alignment
     total = sum(n for *_, n in plan)
 
-    remove_stale_temporaries(parent / dst.name)
-    tmp = temporary_path(parent / dst.name)
     t0 = time.perf_counter()
     written = 0
     try:
-        with open(tmp, "wb") as fout, open(src.path, "rb") as fin:
+        with atomic_write(dst, force=force, inputs=[src.path]) as tmp, open(tmp, "wb") as fout, \
+                open(src.path, "rb") as fin:
             fout.write(b"GGUF" + struct.pack("<IQQ", src.version, len(plan), len(kept) + len(new.records)))
             for f in kept:
                 fout.write(src.raw_bytes(f.offset, f.nbytes))
@@ -202,16 +153,8 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
                     progress(written, total)
             fout.flush()
             os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(parent)
     except OSError as e:
         raise LeankError(f"{dst}: writing failed ({e.strerror or e}); no output was left behind") from e
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
     return CopyStats(written, time.perf_counter() - t0)
 
 
@@ -224,19 +167,6 @@ def _stream_bytes(fin, fout, offset: int, nbytes: int) -> None:
             raise LeankError("the input file ended early (truncated?)")
         fout.write(chunk)
         left -= len(chunk)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_float32_copy(src_path, dst_path, force: bool = True) -> Path:

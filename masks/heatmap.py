@@ -5,7 +5,6 @@ V at all) dark red. The PNG is written by hand (zlib + struct): no plotting libr
 """
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from leank.errors import LeankError
 from leank.masks.mask import Mask
+from leank.runtime.outputs import write_bytes
 
 KEPT = (250, 190, 50)
 PRUNED = (35, 35, 55)
@@ -60,19 +60,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
             + _chunk(b"IEND", b""))
 
 
-def write_heatmap(mask: Mask, path: str | Path, force: bool = True) -> tuple[int, int]:
-    """Write `mask`'s picture to `path` (atomically); returns (width, height)."""
-    path = Path(path)
-    if path.exists() and (path.is_dir() or not force):
-        raise LeankError(f"{path}: already exists")
+def write_heatmap(mask: Mask, path: str | Path, force: bool = True, inputs=()) -> tuple[int, int]:
+    """Write `mask`'s picture to `path` (atomically, `leank.runtime.outputs`); returns (width, height)."""
     rgb = heatmap_pixels(mask)
-    data = png_bytes(rgb)
-    tmp = path.with_name(f".{path.name}.leank-tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LeankError(f"{path}: cannot write the picture ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, png_bytes(rgb), force=force, inputs=inputs, what="--png")
     return rgb.shape[1], rgb.shape[0]

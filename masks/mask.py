@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from leank.errors import LeankError
+from leank.runtime.outputs import atomic_write
 
 ALIGNMENTS = (1, 8, 16, 32)
 
@@ -151,19 +152,14 @@ class Mask:
         return hash((self.shape, self.kept.numpy().tobytes()))
 
     # --- files ----------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, force: bool = True, inputs=()) -> None:
         """Write a native mask file (safetensors: a uint8 tensor plus JSON provenance)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
         meta = {"format": "leank-mask", "version": "1", "provenance": json.dumps(self.provenance.as_dict())}
-        tmp = path.with_name(f".{path.name}.tmp-{id(self)}")
-        try:
+        with atomic_write(path, force=force, inputs=inputs) as tmp:
             save_file({"kept": self.kept.to(torch.uint8)}, str(tmp), metadata=meta)
             tmp.chmod(0o644)  # safetensors creates files private to the owner; a mask is not a secret
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":

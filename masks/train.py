@@ -30,6 +30,7 @@ from leank.errors import LeankError
 from leank.masks.binarize import binarize_scores, check_binarize_args, straight_through_mask
 from leank.masks.mask import Mask, Provenance
 from leank.runtime.cache import DenseCache
+from leank.runtime.outputs import atomic_write
 
 TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alternation
 
@@ -84,16 +85,17 @@ def generated_examples(model, config: TrainConfig) -> Callable[[int], Example]:
     return example
 
 
-def save_examples(examples: list[Example], path: str | Path) -> None:
+def save_examples(examples: list[Example], path: str | Path, force: bool = True) -> None:
     """Pre-tokenized examples in one file (for machines without the tokenizer, e.g. GPU hosts)."""
     flat, offsets = [], [0]
     for ex in examples:
         flat += ex.prefix + ex.answer
         offsets += [offsets[-1] + len(ex.prefix), offsets[-1] + len(ex.prefix) + len(ex.answer)]
     small = max(flat, default=0) < 65536  # most vocabularies: half the bytes (files travel to GPU hosts)
-    torch.save({"format": "leank-train-examples",
-                "tokens": torch.tensor(flat, dtype=torch.int32).to(torch.uint16 if small else torch.int32),
-                "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(path))
+    with atomic_write(path, force=force) as tmp:
+        torch.save({"format": "leank-train-examples",
+                    "tokens": torch.tensor(flat, dtype=torch.int32).to(torch.uint16 if small else torch.int32),
+                    "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp))
 
 
 def load_examples(path: str | Path) -> Callable[[int], Example]:
@@ -278,12 +280,10 @@ def _config_key(config: TrainConfig, model) -> dict:
 
 
 def save_checkpoint(path: str | Path, state: TrainState, config: TrainConfig, model) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": "leank-train-checkpoint", "stage": state.stage, "step": state.step, "alpha": state.alpha,
-                "optimizer": state.optimizer, "history": state.history, "config": _config_key(config, model)},
-               str(tmp))
-    tmp.replace(path)
+    with atomic_write(path, force=True, inputs=[model.path]) as tmp:
+        torch.save({"format": "leank-train-checkpoint", "stage": state.stage, "step": state.step, "alpha": state.alpha,
+                    "optimizer": state.optimizer, "history": state.history, "config": _config_key(config, model)},
+                   str(tmp))
 
 
 def load_checkpoint(path: str | Path, config: TrainConfig, model) -> TrainState:

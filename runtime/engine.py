@@ -179,9 +179,10 @@ class Model:
     # --- generation ---------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: Sequence[str] = (),
-               cache: KVCache | None = None, policy=None) -> Iterator[Step]:
+               cache: KVCache | None = None, policy=None, sampling: SamplingParams | None = None) -> Iterator[Step]:
         """Generate after `prompt` (text, tokenized with BOS as the file asks, or token ids), streaming
-        `Step`s; the last one carries `finish_reason` ("stop", "length" or "context") and stats."""
+        `Step`s; the last one carries `finish_reason` ("stop", "length" or "context") and stats.
+        `sampling`, when given, replaces temperature, top_k, top_p and seed (it adds min-p and penalties)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise LeankError("the prompt is empty")
@@ -193,7 +194,7 @@ class Model:
             )
         if max_tokens < 1:
             raise LeankError("max_tokens must be at least 1")
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        sampling = sampling or SamplingParams(temperature, top_k, top_p, seed)
         return stream_tokens(self, cache, ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
                              eog_ids=self.tokenizer.eog_ids)
 

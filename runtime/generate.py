@@ -4,6 +4,7 @@ Kept apart from the model so the hot path reads top to bottom: `prefill`, `decod
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -13,18 +14,54 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95. temperature 0 is greedy."""
+    """How the next token is picked: the one table of sampling defaults, llama.cpp's (`llama-cli`'s
+    `--temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05 --repeat-penalty 1.0 --repeat-last-n 64`, presence and
+    frequency penalties 0). temperature 0 is greedy; the penalties apply to greedy decoding too.
+
+    Order: penalties on the raw logits, then min-p (judged at temperature 1, as llama.cpp does: a token
+    stays if its probability is at least `min_p` times the likeliest one's), then temperature, top-k, top-p.
+    """
 
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     seed: int | None = None
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0  # > 1 discourages tokens seen in the last `repeat_last_n` tokens
+    repeat_last_n: int = 64  # how many recent tokens (prompt and reply) the penalties look at; 0: none
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token seen
+    frequency_penalty: float = 0.0  # subtracted once per occurrence
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repeat_last_n > 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                                           or self.frequency_penalty != 0.0)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a (vocab,) float32 logits row."""
+def apply_penalties(logits: torch.Tensor, history: Sequence[int], params: SamplingParams) -> torch.Tensor:
+    """`logits` with llama.cpp's repetition penalties for the last `repeat_last_n` tokens of `history`:
+    a seen token's logit is divided by `repeat_penalty` when positive and multiplied by it when negative,
+    then lowered by `presence_penalty` plus `frequency_penalty` times its count."""
+    recent = list(history)[-params.repeat_last_n:] if params.repeat_last_n > 0 else []
+    if not recent or not params.penalizes:
+        return logits
+    ids, counts = torch.unique(torch.tensor(recent, dtype=torch.long), return_counts=True)
+    ids, counts = ids[ids < logits.shape[-1]], counts[ids < logits.shape[-1]]
+    out = logits.clone()
+    seen = out[ids]
+    seen = torch.where(seen > 0, seen / params.repeat_penalty, seen * params.repeat_penalty)
+    out[ids] = seen - params.presence_penalty - params.frequency_penalty * counts.to(out.dtype)
+    return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           history: Sequence[int] = ()) -> int:
+    """One token id from a (vocab,) float32 logits row; `history`: the tokens before it (for penalties)."""
+    logits = apply_penalties(logits, history, params)
     if params.temperature <= 0:
         return int(torch.argmax(logits))
+    if 0 < params.min_p <= 1:
+        logits = logits.masked_fill(logits < logits.max() + math.log(params.min_p), float("-inf"))
     logits = logits / params.temperature
     if params.top_k and params.top_k > 0:
         k = min(params.top_k, logits.shape[-1])
@@ -140,8 +177,11 @@ def stream_tokens(model, cache, prompt_ids: Sequence[int], *, max_tokens: int, s
 
     t1 = time.perf_counter()
     finish = "length"
+    history = list(prompt_ids)[-sampling.repeat_last_n:] if sampling.penalizes else []
     while True:
-        token = sample(logits, sampling, generator)
+        token = sample(logits, sampling, generator, history)
+        if sampling.penalizes:
+            history = (history + [token])[-sampling.repeat_last_n:]
         stats.generated_tokens += 1
         if token in eog_ids:
             finish = "stop"

@@ -7,7 +7,14 @@ GGUF models run in torch with a KV cache that LeanK channel masks prune and KIVI
     for text in model.generate("The capital of France is", max_tokens=16, temperature=0):
         print(text, end="")
 """
-from leank.errors import LeankError
+import os
+
+# OpenMP threads that wait for work spin on a core by default; on a machine busy with other work that
+# stalled decode 4-10x (bench/RESULTS.md, "Threads on a busy machine"). Passive waiting must be set
+# before torch loads its OpenMP runtime, so it is set here; an OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from leank.errors import LeankError  # noqa: E402
 from leank.masks.mask import Mask, Provenance
 from leank.runtime.engine import Model, load
 from leank.runtime.policy import CachePolicy

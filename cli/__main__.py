@@ -1,4 +1,5 @@
 """`python -m leank.cli` runs the `leank` command."""
 from leank.cli.app import main
 
+
 main()

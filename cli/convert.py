@@ -7,25 +7,28 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
-from leank.cli.common import (GroupOpt, JsonOpt, KBitsOpt, ModelArg, RecentOpt, SinkOpt, VBitsOpt, err, human_bytes,
-                              out, print_json)
-from leank.cli.mask import AlignOpt, print_mask_stats
+from leank.cli.options import (AlignOpt, DebugOpt, ForceOpt, GroupOpt, JsonOpt, KBitsOpt, ModelArg, ModelOpt,
+                               RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path)
+from leank.cli.output import (err, files_named_in, human_bytes, out, prepare_output, print_json, print_mask_stats,
+                              print_summary)
+from leank.errors import LeankError
 
 
-@app.command()
 def convert(
     model: ModelArg = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="GGUF file to write.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", show_default=False,
+                                                   help="GGUF file to write.")] = None,
     mask: Annotated[Optional[str], typer.Option(
-        "--mask", help="freq:RATIO, calib:RATIO, a mask file, a LeanK .pth or .tsv[:RATIO], a converted .gguf, ones, "
+        "--mask", metavar="SPEC", show_default=False,
+        help="freq:RATIO, calib:RATIO, a mask file, a LeanK .pth or .tsv[:RATIO], a converted .gguf, ones, "
         "or none (quantization settings only). Default: the input's embedded mask, else the learned mask "
-        "shipped for the model, else an error.", show_default=False)] = None,
+        "shipped for the model, else an error.")] = None,
     align: AlignOpt = None,
     k_bits: KBitsOpt = None, v_bits: VBitsOpt = None, group_size: GroupOpt = None, sink: SinkOpt = None,
     recent: RecentOpt = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Write a copy of MODEL with a K-channel mask and KV-cache settings embedded as leank.* metadata.
 
@@ -38,12 +41,11 @@ def convert(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from leank.convert.convert import convert as run_convert
-    from leank.errors import LeankError
-    from leank.runtime.tokenizer import default_model_path
 
     if output is None:
         raise LeankError("no output file: pass -o OUT.gguf")
-    src = default_model_path() if model is None else model
+    src = default_model(model_path(model, model_option))
+    prepare_output(output, "--output", force=force, inputs=[src, *files_named_in(mask)])
     show = not json_out and err.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err,
                   transient=True, disable=not show) as bar:
@@ -71,18 +73,18 @@ def convert(
     out.print(f"KV cache: {result.policy.describe()}{origin.get(result.mask_origin, '')}")
 
 
-@app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="GGUF file, converted or not.", show_default=False)],
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", min=1, help="Context length for the KV bytes (default: "
-                                               "the model's).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Argument(metavar="FILE", show_default=False,
+                                                   help="GGUF file, converted or not (or -m).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx-size", "--ctx", "-c", min=1, metavar="N", show_default=False,
+                                               help="Context length for the KV bytes (default: the model's).")] = None,
     json_out: JsonOpt = False,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """The model summary plus the leank.* metadata: policy, mask statistics, and the KV bytes per token they imply."""
-    from leank.cli.info import print_summary
     from leank.convert.convert import inspect_file
 
-    s = inspect_file(file, ctx)
+    s = inspect_file(model_path(file, model_option), ctx)
     if json_out:
         print_json(s)
         return

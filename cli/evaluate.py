@@ -9,38 +9,40 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
-from leank.cli.common import DeviceOpt, DtypeOpt, GroupOpt, ModelArg, RecentOpt, SinkOpt, err, load_model, out
+from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, GroupOpt, ModelArg, ModelOpt, RecentOpt,
+                               SinkOpt, ThreadsOpt, default_model, load_model, model_path, read_text_file)
+from leank.cli.output import err, files_named_in, out, prepare_output
 
 
-@app.command("eval")
 def eval_(
     model: ModelArg = None,
-    task: Annotated[Optional[List[str]], typer.Option("--task", "-t", help="passkey, multikey, multivalue or vartrack "
+    task: Annotated[Optional[List[str]], typer.Option("--task", "-T", metavar="NAME", help="passkey, multikey, multivalue or vartrack "
                     "(repeat for several).", show_default="passkey")] = None,
-    length: Annotated[Optional[List[int]], typer.Option("--length", "-l", help="Prompt length in tokens (repeat).",
+    length: Annotated[Optional[List[int]], typer.Option("--length", "-l", min=1, metavar="N", help="Prompt length in tokens (repeat).",
                       show_default="2048")] = None,
-    depth: Annotated[Optional[List[float]], typer.Option("--depth", "-d", help="Depth of the asked-for needle, 0 = "
+    depth: Annotated[Optional[List[float]], typer.Option("--depth", "-d", min=0.0, max=1.0, metavar="X", help="Depth of the asked-for needle, 0 = "
                      "start of the document, 1 = end (repeat).", show_default="0.5")] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", min=1, help="Samples per task, length and depth.")] = 1,
-    policy: Annotated[Optional[List[str]], typer.Option("--policy", "-p", help="Cache policy SPEC (repeat): dense, "
+    samples: Annotated[int, typer.Option("--samples", "-n", min=1, metavar="N", help="Samples per task, length and depth.")] = 1,
+    policy: Annotated[Optional[List[str]], typer.Option("--policy", "-p", metavar="SPEC", help="Cache policy SPEC (repeat): dense, "
                       "kivi4, kivi2, leank:freq:0.5, leank:freq:0.7+kivi4, leank:MASKFILE+kivi2; options after "
                       "commas: kivi2,recent=256,group=64.", show_default="dense, kivi4")] = None,
-    split: Annotated[str, typer.Option("--split", help="eval (held out) or train prompts.")] = "eval",
-    haystack: Annotated[str, typer.Option("--haystack", help="Filler: faker (varied prose) or repeat (simple "
+    split: Annotated[str, typer.Option("--split", metavar="NAME", help="eval (held out) or train prompts.")] = "eval",
+    haystack: Annotated[str, typer.Option("--haystack", metavar="NAME", help="Filler: faker (varied prose) or repeat (simple "
                         "sentences).")] = "faker",
-    seed: Annotated[int, typer.Option("--seed", help="Picks the samples (same seed, same prompts).")] = 0,
-    protocol: Annotated[str, typer.Option("--protocol", help="conversation: the question is a second chunk that "
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Picks the samples (same seed, same prompts).")] = 0,
+    protocol: Annotated[str, typer.Option("--protocol", metavar="NAME", help="conversation: the question is a second chunk that "
                         "attends to the compressed document; prefill: document and question prefilled together, "
                         "only the answer sees compression (LeanK's setting).")] = "conversation",
-    ppl_file: Annotated[Optional[Path], typer.Option("--ppl-file", help="Also measure decode perplexity on the "
+    ppl_file: Annotated[Optional[Path], typer.Option("--ppl-file", metavar="FILE", help="Also measure decode perplexity on the "
                         "first --ppl-ctx tokens of this UTF-8 text.", show_default=False)] = None,
-    ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=2, help="Tokens scored for --ppl-file.")] = 2048,
-    ppl_prefix: Annotated[int, typer.Option("--ppl-prefix", min=1, help="Tokens prefilled before decoding.")] = 64,
-    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write settings and every sample's "
+    ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=2, metavar="N", help="Tokens scored for --ppl-file.")] = 2048,
+    ppl_prefix: Annotated[int, typer.Option("--ppl-prefix", min=1, metavar="N", help="Tokens prefilled before decoding.")] = 64,
+    json_out: Annotated[Optional[Path], typer.Option("--json-out", metavar="FILE", help="Write settings and every sample's "
                         "result to this JSON file.", show_default=False)] = None,
+    force: ForceOpt = False,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Retrieval accuracy of cache policies on synthetic long-context tasks (and decode perplexity).
 
@@ -51,6 +53,7 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from leank.errors import LeankError
+    from leank.runtime.outputs import write_text
     from leank.runtime.evaluate import (PROTOCOLS, check_policies, decode_perplexity, evaluate, parse_policies,
                                         summarize)
     from leank.runtime.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
@@ -69,16 +72,9 @@ def eval_(
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise LeankError(f"--depth {d} is outside [0, 1]")
-    ppl_text = None
-    if ppl_file is not None:
-        if not ppl_file.is_file():
-            raise LeankError(f"{ppl_file}: no such file")
-        try:
-            ppl_text = ppl_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise LeankError(f"{ppl_file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if json_out is not None and not json_out.parent.is_dir():
-        raise LeankError(f"{json_out.parent}: no such directory for --json-out")
+    model = model_path(model, model_option)
+    prepare_output(json_out, "--json-out", force=force, inputs=[default_model(model), ppl_file, *files_named_in(*specs)])
+    ppl_text = read_text_file(ppl_file, "--ppl-file") if ppl_file is not None else None
 
     m = load_model(model, device, dtype)
     for n in lengths:
@@ -126,7 +122,8 @@ def eval_(
             "perplexity": ppl,
             "samples": records,
         }
-        json_out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+        write_text(json_out, json.dumps(result, indent=2, default=str) + "\n", force=force, what="--json-out",
+                   inputs=[m.path, ppl_file, *files_named_in(*specs)])
         err.print(f"wrote {json_out}")
 
 

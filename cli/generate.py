@@ -1,52 +1,72 @@
 """`leank generate`: complete a prompt, streaming the text."""
 from __future__ import annotations
 
-from typing import List, Optional
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
-from leank.cli.common import (DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, RatioOpt,
-                              RecentOpt, SinkOpt, VBitsOpt, err, load_model, policy_from_options, print_json)
+from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeOpt, FrequencyOpt, GroupOpt, JsonOpt,
+                               KBitsOpt, KvOpt, MaskOpt, MaxTokensOpt, MinPOpt, ModelArg, ModelOpt, PresenceOpt,
+                               RatioOpt, RecentOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt, SinkOpt, StopOpt,
+                               TempOpt, ThreadsOpt, TopKOpt, TopPOpt, VBitsOpt, check_ctx_size, load_model,
+                               model_path, policy_from_options, read_text_file, sampling_from_options)
+from leank.cli.output import print_generation_stats, print_json
+from leank.errors import LeankError
 
 
-@app.command()
 def generate(
     model: ModelArg = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue. '-' reads standard input.")] = "",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest (0 = all).")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
-    stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", show_default=False,
+                                                  help="Text to continue; '-' reads standard input.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", show_default=False,
+                                                 help="Read the prompt from this UTF-8 file (as llama.cpp's -f).")] = None,
+    max_tokens: MaxTokensOpt = 256,
+    ctx_size: CtxSizeOpt = None,
+    temperature: TempOpt = DEFAULTS["temperature"],
+    top_k: TopKOpt = DEFAULTS["top_k"],
+    top_p: TopPOpt = DEFAULTS["top_p"],
+    min_p: MinPOpt = DEFAULTS["min_p"],
+    repeat_penalty: RepeatPenaltyOpt = DEFAULTS["repeat_penalty"],
+    repeat_last_n: RepeatLastNOpt = DEFAULTS["repeat_last_n"],
+    presence_penalty: PresenceOpt = DEFAULTS["presence_penalty"],
+    frequency_penalty: FrequencyOpt = DEFAULTS["frequency_penalty"],
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as one user turn with the chat template.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and KV-cache memory after the text.")] = False,
     json_out: JsonOpt = False,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
-    """Continue PROMPT with MODEL, streaming the text as it is generated.
+    """Continue a prompt with MODEL, streaming the text as it is generated.
 
-    Example: leank generate -p "The capital of France is" -n 16 -t 0
+    Example: leank generate -p "The capital of France is" -n 16 --temp 0
     """
-    import sys
-
-    from leank.errors import LeankError
-
-    if prompt == "-":
+    if prompt is not None and file is not None:
+        raise LeankError("pass the prompt with --prompt or --file, not both")
+    if file is not None:
+        prompt = read_text_file(file, "--file")
+    elif prompt == "-":
         prompt = sys.stdin.read()
     if not prompt:
-        raise LeankError("no prompt: pass --prompt TEXT (or --prompt - to read standard input)")
-    m = load_model(model, device, dtype, quiet=json_out)
+        raise LeankError("no prompt: pass --prompt TEXT, --file FILE, or --prompt - to read standard input")
+    m = load_model(model_path(model, model_option), device, dtype, quiet=json_out)
+    limit = check_ctx_size(m, ctx_size)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     ids = m.chat_tokens([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
+    if len(ids) >= limit:
+        raise LeankError(f"the prompt ({len(ids)} tokens) does not fit a context of {limit} tokens")
+    sampling = sampling_from_options(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                                     presence_penalty, frequency_penalty, seed)
     pieces = []
     final = None
-    for step in m.stream(ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         stop=stop or (), policy=policy):
+    for step in m.stream(ids, max_tokens=min(max_tokens, limit - len(ids)), stop=stop or (), policy=policy,
+                         sampling=sampling):
         if step.text:
             pieces.append(step.text)
             if not json_out:
@@ -59,14 +79,4 @@ def generate(
         return
     sys.stdout.write("\n")
     if stats:
-        print_stats(s, policy)
-
-
-def print_stats(s, policy) -> None:
-    from leank.cli.common import cache_summary
-
-    err.print(
-        f"[dim]prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_second:.1f} tok/s | "
-        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_second:.1f} tok/s | finish: {s.finish_reason}[/]"
-    )
-    err.print(f"[dim]{cache_summary(policy, s.cache)}[/]")
+        print_generation_stats(s, policy)

@@ -1,5 +1,4 @@
-"""`leank mask ...`: look at masks and make mask files. Other mask verbs (e.g. `train`) register on
-`mask_app` from their own modules."""
+"""`leank mask show` and `leank mask make`: look at masks and make mask files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,100 +7,46 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
-from leank.cli.common import JsonOpt, ModelArg, err, out, print_json
+from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model
+from leank.cli.output import err, files_named_in, mask_report, out, prepare_output, print_json, print_mask_stats
 
-mask_app = typer.Typer(
-    name="mask",
-    help="Make, import and look at K-channel masks.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(mask_app, name="mask")
-
-AlignOpt = Annotated[Optional[int], typer.Option("--align", help="Kept channels per head are a multiple of this "
-                                                 "(8, 16 or 32; default 16) for masks made from scores: freq, calib, .tsv.",
-                                                 show_default=False)]
 SourceArg = Annotated[str, typer.Argument(
     metavar="MASK_OR_MODEL",
     help="A mask file (.safetensors), a LeanK .pth or stage-1 .tsv[:RATIO], a converted .gguf, or with --model "
          "any SPEC (freq:0.7, calib:0.7, ones).", show_default=False)]
 
 
-def mask_report(mask, source: str) -> dict:
-    """What `mask show --json` prints: the statistics plus per-head counts and channel order."""
-    counts = mask.kept_counts()
-    order = "hf" if mask.provenance.extra.get("channel_order") == "hf" else "gguf"
-    return {"source": source, "channel_order": order, **mask.stats(),
-            "kept_counts": counts.tolist(),
-            "fully_pruned": [[int(l), int(h)] for l, h in (counts == 0).nonzero().tolist()]}
-
-
-def print_mask_stats(stats: dict, title: str | None = None, per_layer: list | None = None) -> None:
-    """The rich rendering of `Mask.stats()` (used by `mask show` and `inspect`)."""
-    from rich.table import Table
-
-    L, H, D = stats["shape"]
-    heads = stats["heads"]
-    if title:
-        out.print(f"[bold]{title}[/]")
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("shape", f"{L} layers x {H} KV heads x {D} channels")
-    t.add_row("kept", f"{100 * stats['kept_fraction']:.2f} % of K channels ({100 * stats['pruned_fraction']:.2f} % pruned)")
-    t.add_row("fully pruned heads", f"{stats['fully_pruned_heads']} of {heads} ({100 * stats['fully_pruned_heads'] / heads:.1f} %): "
-              "no middle K and no middle V")
-    t.add_row("estimated saving", f"middle-region K {100 * stats['k_saving']:.1f} %, V {100 * stats['v_saving']:.1f} % "
-              "(before quantization)")
-    prov = stats.get("provenance") or {}
-    t.add_row("provenance", ", ".join(f"{k} {v}" for k, v in prov.items()) or "unknown")
-    out.print(t)
-    h = Table(title=None, box=None, pad_edge=False, show_header=True, header_style="bold")
-    h.add_column("kept channels", justify="right")
-    h.add_column("heads", justify="right")
-    h.add_column("")
-    by_count = stats["heads_by_kept_count"]
-    top = max(by_count.values()) if by_count else 1
-    for count, n in by_count.items():
-        h.add_row(f"{count}/{D}", str(n), "[cyan]" + "█" * max(1, round(30 * n / top)) + "[/]")
-    out.print(h)
-    if per_layer is not None:
-        out.print("[bold]kept channels per layer[/] (one number per KV head)")
-        width = len(str(D))
-        for layer, row in enumerate(per_layer):
-            cells = " ".join(f"[dim]{c:>{width}}[/]" if c == 0 else f"{c:>{width}}" for c in row)
-            out.print(f"  {layer:>3}  {cells}")
-
-
-@mask_app.command("show")
 def show(
     source: SourceArg,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="The GGUF model the mask is for: gives a LeanK "
-                                                  ".pth its channel order, a .tsv its heads, a SPEC its model.",
-                                                  show_default=False)] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture whose GGUF channel order a LeanK .pth is "
-                                                "put in (llama, qwen2, qwen3), without --model.", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE", show_default=False,
+                                                  help="The GGUF model the mask is for: gives a LeanK .pth its "
+                                                       "channel order, a .tsv its heads, a SPEC its model.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", metavar="NAME", show_default=False,
+                                                help="Architecture whose GGUF channel order a LeanK .pth is put in "
+                                                     "(llama, qwen2, qwen3), without --model.")] = None,
     align: AlignOpt = None,
-    png: Annotated[Optional[Path], typer.Option("--png", help="Also draw the kept channels per layer and head to this "
-                                                "PNG file.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", show_default=False,
+                                                help="Also draw the kept channels per layer and head to this PNG "
+                                                     "file.")] = None,
+    force: ForceOpt = False,
     layers: Annotated[bool, typer.Option("--layers/--no-layers", help="List the kept count of every head.")] = True,
     json_out: JsonOpt = False,
+    threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Statistics of a mask: kept %, heads by kept count, fully pruned heads, estimated K and V savings.
 
     Examples: leank mask show llama3.1-8b-instruct.pth --arch llama --png mask.png;
     leank mask show out.gguf; leank mask show calib:0.7 --model model.gguf --align 32
     """
+    from leank.masks.heatmap import write_heatmap
     from leank.masks.spec import read_mask_source
 
+    inputs = [model, *files_named_in(source)]
+    prepare_output(png, "--png", force=force, inputs=inputs)
     mask = read_mask_source(source, arch=arch, model=model, align=align)
     report = mask_report(mask, source)
     if png is not None:
-        from leank.masks.heatmap import write_heatmap
-
-        w, h = write_heatmap(mask, png)
+        w, h = write_heatmap(mask, png, force=force, inputs=inputs)
         report["png"] = {"path": str(png), "width": w, "height": h}
     if json_out:
         print_json(report)
@@ -114,36 +59,34 @@ def show(
         err.print(f"wrote {png} ({w}x{h})")
 
 
-@mask_app.command("make")
 def make(
-    spec: Annotated[str, typer.Argument(metavar="SPEC", help="freq:RATIO, calib:RATIO, ones, a LeanK .pth or "
-                                        ".tsv[:RATIO], a mask file or a converted .gguf.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Mask file to write (.safetensors).",
-                                         show_default=False)],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model the mask is for (default: the "
-                                                  "bundled SmolLM2-135M-Instruct).", show_default=False)] = None,
+    spec: Annotated[str, typer.Argument(metavar="SPEC", show_default=False,
+                                        help="freq:RATIO, calib:RATIO, ones, a LeanK .pth or .tsv[:RATIO], a mask file "
+                                             "or a converted .gguf.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", show_default=False,
+                                         help="Mask file to write (.safetensors).")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE", show_default=False,
+                                                  help="GGUF model the mask is for (default: the bundled "
+                                                       "SmolLM2-135M-Instruct).")] = None,
     align: AlignOpt = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
+    threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Make the mask SPEC names for a model and save it as a native mask file (for convert, --mask, show).
 
     Example: leank mask make calib:0.7 --model model.gguf -o model-calib70.safetensors
     """
-    from leank.errors import LeankError
     from leank.masks.spec import resolve_mask
     from leank.runtime.inspect import open_header
 
-    if output.exists() and not force:
-        raise LeankError(f"{output}: already exists (use --force to overwrite)")
+    inputs = [default_model(model), *files_named_in(spec)]
+    prepare_output(output, "--output", force=force, inputs=inputs)
     header = open_header(model)
     with _calibration_bar(spec, quiet=json_out) as progress:
         mask = resolve_mask(spec, header, align, progress=progress)
     mask = mask.with_provenance(extra={**mask.provenance.extra, "arch": header.args.arch})
-    try:
-        mask.save(output)
-    except OSError as e:
-        raise LeankError(f"{output}: cannot write ({e.strerror or e})") from None
+    mask.save(output, force=force, inputs=inputs)
     report = mask_report(mask, spec)
     report["output"] = str(output)
     if json_out:

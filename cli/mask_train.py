@@ -7,14 +7,14 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.common import DeviceOpt, DtypeOpt, ModelArg, err, out
-from leank.cli.mask import mask_app
+from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, ModelOpt, ThreadsOpt, default_model,
+                               load_model, model_path)
+from leank.cli.output import err, out, prepare_output
 
 
-@mask_app.command("train")
 def train(
     model: ModelArg = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Mask file to write (.safetensors).",
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Mask file to write (.safetensors).",
                                          show_default=False)] = None,
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Fraction of K channels to prune.")] = 0.7,
     align: Annotated[int, typer.Option("--align", help="Kept channels per head: a multiple of 8, 16 or 32.")] = 16,
@@ -37,8 +37,9 @@ def train(
     every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (same settings).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the training data.")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUTPUT if it exists.")] = False,
+    force: ForceOpt = False,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Learn a K-channel mask for MODEL with LeanK's two-stage training (weights frozen).
 
@@ -52,15 +53,20 @@ def train(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from leank.cli.common import load_model
     from leank.errors import LeankError
     from leank.masks.train import TrainConfig, load_examples, train_mask
     from leank.runtime.policy import DEFAULT_SINK, default_recent
 
     if output is None:
         raise LeankError("pass --output FILE.safetensors for the trained mask")
-    if output.exists() and not force:
-        raise LeankError(f"{output}: already exists (use --force to overwrite)")
+    model = model_path(model, model_option)
+    src = default_model(model)
+    ckpt = checkpoint or output.with_name(output.name + ".ckpt")
+    # every path is checked before the model loads: a bad one must not cost a training run
+    prepare_output(output, "--output", force=force, inputs=[src, data, ckpt])
+    if ckpt.exists() and not (resume or force):
+        raise LeankError(f"--checkpoint {ckpt}: already exists; --resume continues from it, --force starts over")
+    prepare_output(ckpt, "--checkpoint", force=True, inputs=[src, data, output])
     stages = {"1": (1,), "2": (2,), "both": (1, 2)}.get(stage)
     if stages is None:
         raise LeankError("--stage must be 1, 2 or both")
@@ -78,7 +84,6 @@ def train(
                       recent_tokens=recent if recent is not None else default_recent(a.context_length))
     if cfg.min_tokens > cfg.max_tokens:
         raise LeankError(f"--min-tokens {cfg.min_tokens} exceeds --max-tokens {cfg.max_tokens}")
-    ckpt = checkpoint or output.with_name(output.name + ".ckpt")
     total = steps * len(stages)
     with Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4g}  mse {task.fields[mse]:.3g}  mean α {task.fields[alpha]:.3f}  "
@@ -92,7 +97,7 @@ def train(
                        zero=r["near_zero"])
 
         mask, history = train_mask(m, cfg, examples, checkpoint=ckpt, resume=resume, progress=progress)
-    mask.save(output)
+    mask.save(output, force=force, inputs=[src, data, ckpt])
     seconds = sum(h["seconds"] for h in history)
     s = mask.stats()
     out.print(f"wrote {output}: {100 * s['pruned_fraction']:.1f} % of K channels pruned, "
@@ -100,24 +105,28 @@ def train(
               f"{s['heads_by_kept_count']}; {len(history)} steps in {seconds:.0f} s")
 
 
-@mask_app.command("examples")
 def examples(
     model: ModelArg = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.", show_default=False)] = None,
-    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Examples (steps x stages).")] = 2000,
-    min_tokens: Annotated[int, typer.Option("--min-tokens")] = 1024,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="File to write.",
+                                         show_default=False)] = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, metavar="N", help="Examples (steps x stages).")] = 2000,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", min=1, metavar="N", help="Shortest context.")] = 1024,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, metavar="N", show_default=False,
+                                                      help="Longest context (default: the model's, at most 8192).")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed for the examples.")] = 0,
+    force: ForceOpt = False,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Write pre-tokenized training examples, for training on a machine without the tokenizer."""
     from rich.progress import Progress
 
-    from leank.cli.common import load_model
     from leank.errors import LeankError
     from leank.masks.train import TrainConfig, generated_examples, save_examples
 
     if output is None:
         raise LeankError("pass --output FILE")
+    model = default_model(model_path(model, model_option))
+    prepare_output(output, "--output", force=force, inputs=[model])
     m = load_model(model, "cpu")
     cfg = TrainConfig(min_tokens=min_tokens, max_tokens=max_tokens or min(m.args.context_length, 8192), seed=seed)
     gen = generated_examples(m, cfg)
@@ -127,5 +136,5 @@ def examples(
         for i in range(count):
             exs.append(gen(i))
             bar.advance(task)
-    save_examples(exs, output)
+    save_examples(exs, output, force=force, inputs=[model])
     out.print(f"wrote {count} examples ({sum(len(e.prefix) + len(e.answer) for e in exs)} tokens) to {output}")

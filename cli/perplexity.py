@@ -7,25 +7,30 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
-from leank.cli.common import (DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, RatioOpt,
-                              RecentOpt, SinkOpt, VBitsOpt, err, load_model, out, policy_from_options, print_json)
+from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg,
+                               ModelOpt, RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, model_path,
+                               policy_from_options, read_text_file)
+from leank.cli.output import err, out, print_json
+from leank.errors import LeankError
 
 
-@app.command()
 def perplexity(
     model: ModelArg = None,
-    file: Annotated[Path, typer.Option("--file", "-f", help="UTF-8 text file to score.", show_default=False)] = None,
-    ctx: Annotated[int, typer.Option("--ctx", "-c", min=2, help="Score the first N tokens of the file.")] = 512,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", show_default=False,
+                                                 help="UTF-8 text file to score.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx-size", "--ctx", "-c", min=2, metavar="N",
+                                     help="Score the first N tokens of the file.")] = 512,
     decode: Annotated[bool, typer.Option("--decode", help="Feed tokens one at a time through the decode path after a "
                                          "short prefill, so that a compressed cache is exercised.")] = False,
-    prefix: Annotated[int, typer.Option("--prefix", min=1, help="Tokens prefilled before --decode starts.")] = 64,
+    prefix: Annotated[int, typer.Option("--prefix", min=1, metavar="N",
+                                        help="Tokens prefilled before --decode starts.")] = 64,
     json_out: JsonOpt = False,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
-    """Perplexity of MODEL on the first --ctx tokens of --file.
+    """Perplexity of MODEL on the first --ctx-size tokens of --file.
 
     The tokens start with BOS when the file asks for one, as llama.cpp does; every token after the first
     is scored. Prefill alone never touches the compressed part of the cache: use --decode to measure
@@ -33,17 +38,10 @@ def perplexity(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from leank.errors import LeankError
-
     if file is None:
         raise LeankError("no text to score: pass --file FILE")
-    if not file.is_file():
-        raise LeankError(f"{file}: no such file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LeankError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    m = load_model(model, device, dtype, quiet=json_out)
+    text = read_text_file(file, "--file")
+    m = load_model(model_path(model, model_option), device, dtype, quiet=json_out)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     ids = m.tokenize(text)[:ctx]
     if len(ids) < 2:

@@ -85,14 +85,14 @@ def generated_examples(model, config: TrainConfig) -> Callable[[int], Example]:
     return example
 
 
-def save_examples(examples: list[Example], path: str | Path, force: bool = True) -> None:
+def save_examples(examples: list[Example], path: str | Path, force: bool = True, inputs=()) -> None:
     """Pre-tokenized examples in one file (for machines without the tokenizer, e.g. GPU hosts)."""
     flat, offsets = [], [0]
     for ex in examples:
         flat += ex.prefix + ex.answer
         offsets += [offsets[-1] + len(ex.prefix), offsets[-1] + len(ex.prefix) + len(ex.answer)]
     small = max(flat, default=0) < 65536  # most vocabularies: half the bytes (files travel to GPU hosts)
-    with atomic_write(path, force=force) as tmp:
+    with atomic_write(path, force=force, inputs=inputs) as tmp:
         torch.save({"format": "leank-train-examples",
                     "tokens": torch.tensor(flat, dtype=torch.int32).to(torch.uint16 if small else torch.int32),
                     "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp))

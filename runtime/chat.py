@@ -14,8 +14,9 @@ from leank.runtime.generate import Step
 
 
 class ChatSession:
-    def __init__(self, model, system: str | None = None, policy=None):
+    def __init__(self, model, system: str | None = None, policy=None, context_length: int | None = None):
         self.model, self.system, self.policy = model, system, policy
+        self.context_length = context_length or model.args.context_length  # at most the model's
         self.reset()
 
     def reset(self) -> None:
@@ -41,11 +42,11 @@ class ChatSession:
                 self.rebuilds += 1
             self.cache = m.new_cache(policy=self.policy)
             new = m.chat_tokens(self.messages)
-        limit = m.args.context_length
+        limit = min(self.context_length, m.args.context_length)
         if self.cache.seq_len + len(new) >= limit:
             self.messages.pop()
-            raise LeankError(f"the conversation ({self.cache.seq_len + len(new)} tokens) has reached the model's "
-                             f"context of {limit}; /reset starts a new one")
+            raise LeankError(f"the conversation ({self.cache.seq_len + len(new)} tokens) has reached the "
+                             f"context of {limit} tokens; /reset starts a new one")
         start = self.cache.seq_len + len(new)
         sampling["max_tokens"] = min(sampling.get("max_tokens", limit), limit - start)
         reply: list[str] = []

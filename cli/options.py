@@ -1,0 +1,205 @@
+"""Options shared by the commands, and turning them into library objects (a model, a cache policy,
+sampling parameters). Names follow llama.cpp where it has one: -m/--model, -c/--ctx-size, -t/--threads,
+-f/--file, --temp, --top-k, --top-p, --min-p, --repeat-penalty, --presence-penalty, --frequency-penalty."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from leank.cli.output import err
+from leank.errors import LeankError
+from leank.runtime.generate import SamplingParams
+
+DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}  # the one sampling defaults table
+
+# --- the model ---------------------------------------------------------------------------------------------
+ModelArg = Annotated[
+    Optional[Path],
+    typer.Argument(metavar="MODEL", help="GGUF model file (or -m). Left out: the bundled SmolLM2-135M-Instruct.",
+                   show_default=False),
+]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE", show_default=False,
+                                                  help="GGUF model file, as llama.cpp's -m (or give it as MODEL).")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="NAME", help="cpu, cuda, or auto (CUDA when available).")]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option("--dtype", metavar="NAME", help="float32 (CPU default), bfloat16, float16 (CUDA default).",
+                 show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists (never an input of the "
+                                        "command, a directory or a device).")]
+
+
+def model_path(positional: Optional[Path], option: Optional[Path]) -> Optional[Path]:
+    """MODEL or -m/--model (None: the default model); both given must agree."""
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"given twice: {positional} and {option}; pass MODEL or -m, not both",
+                                 param_hint="'--model'")
+    return positional if positional is not None else option
+
+
+def default_model(path: Optional[Path]) -> Path:
+    """`path`, or the bundled default model."""
+    from leank.runtime.tokenizer import default_model_path
+
+    return default_model_path() if path is None else path
+
+
+# --- threads and debugging (every verb, and before the verb) -------------------------------------------------
+def default_threads() -> int:
+    """The CPU threads used when none are asked for: one per core this process may run on, less the cores
+    other processes keep busy (the 1-minute load average), at least 1. On a 2-core machine with one other
+    busy process, 2 threads decoded at 1.9 tok/s and 1 thread at 33 (see bench/RESULTS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, cores - busy)
+
+
+def set_threads(value: Optional[int]) -> Optional[int]:
+    """Use `value` CPU threads (torch and the C kernels); the option callback of -t/--threads."""
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+        os.environ["LEANK_THREADS"] = str(value)  # the same count for every later option and subcommand
+    return value
+
+
+def set_debug(value: bool) -> bool:
+    if value:
+        os.environ["LEANK_DEBUG"] = "1"
+    return value
+
+
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", "-t", min=1, metavar="N", envvar="LEANK_THREADS", callback=set_threads, show_default=False,
+    help="CPU threads (default: one per core not kept busy by other processes). Like llama.cpp's -t.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", callback=set_debug,
+                                        help="Show full tracebacks and llama.cpp's logs.")]
+
+# --- cache policy options (generate, chat, perplexity, eval, info) -------------------------------------------
+KvOpt = Annotated[
+    Optional[str],
+    typer.Option("--kv", metavar="KIND", help="KV cache: dense, leank (pruned K channels), kivi (quantized), "
+                 "leank+kivi. Default: what the file embeds (leank convert), else dense.", show_default=False),
+]
+MaskOpt = Annotated[
+    Optional[str],
+    typer.Option("--mask", metavar="SPEC", help="Mask for --kv leank: a mask file, a LeanK .pth/.tsv, freq:RATIO "
+                 "or calib:RATIO. Default: the file's embedded mask, else the shipped learned mask for the model, "
+                 "else freq.", show_default=False),
+]
+RatioOpt = Annotated[
+    Optional[float],
+    typer.Option("--ratio", min=0.0, max=1.0, metavar="R", show_default=False,
+                 help="Fraction of K channels to prune when a mask is generated (e.g. 0.7)."),
+]
+KBitsOpt = Annotated[Optional[int], typer.Option("--k-bits", metavar="N", show_default=False,
+                                                 help="Bits for middle-region K: 2, 4, 8, or 16 (not quantized).")]
+VBitsOpt = Annotated[Optional[int], typer.Option("--v-bits", metavar="N", show_default=False,
+                                                 help="Bits for middle-region V: 2, 4, 8, or 16.")]
+GroupOpt = Annotated[Optional[int], typer.Option("--group-size", metavar="N", show_default=False,
+                                                 help="KIVI group: tokens per K scale, channels per V scale.")]
+SinkOpt = Annotated[Optional[int], typer.Option("--sink", min=0, metavar="N", show_default=False,
+                                                help="First tokens kept in full precision.")]
+RecentOpt = Annotated[Optional[int], typer.Option("--recent", min=0, metavar="N", show_default=False,
+                                                  help="Last tokens kept in full precision.")]
+AlignOpt = Annotated[Optional[int], typer.Option("--align", metavar="N", show_default=False,
+                                                 help="Kept channels per head are a multiple of this (8, 16 or 32; "
+                                                      "default 16) for masks made from scores: freq, calib, .tsv.")]
+
+# --- context and sampling (generate, chat) -------------------------------------------------------------------
+CtxSizeOpt = Annotated[Optional[int], typer.Option(
+    "--ctx-size", "-c", min=1, metavar="N", show_default=False,
+    help="Most tokens the conversation or prompt plus reply may hold (default: the model's context).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, metavar="N", help="Most tokens to generate.")]
+TempOpt = Annotated[float, typer.Option("--temp", "--temperature", min=0.0, metavar="X",
+                                        help="Sampling temperature; 0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, metavar="N", help="Sample from the k likeliest (0 = all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, metavar="X",
+                                        help="Nucleus sampling: the likeliest tokens holding this much probability.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, metavar="X",
+                                        help="Drop tokens less likely than X times the likeliest one (0 = off).")]
+RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", min=0.0, metavar="X",
+                                                 help="Discourage tokens of the last --repeat-last-n (1 = off; "
+                                                      "1.1 is a common choice against loops).")]
+RepeatLastNOpt = Annotated[int, typer.Option("--repeat-last-n", min=0, metavar="N",
+                                             help="Recent tokens the penalties look at.")]
+PresenceOpt = Annotated[float, typer.Option("--presence-penalty", metavar="X",
+                                            help="Subtracted from a seen token's logit (0 = off).")]
+FrequencyOpt = Annotated[float, typer.Option("--frequency-penalty", metavar="X",
+                                             help="Subtracted per occurrence of a seen token (0 = off).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", metavar="N", show_default=False,
+                                                help="Seed for reproducible sampling.")]
+StopOpt = Annotated[Optional[List[str]], typer.Option("--stop", metavar="TEXT", show_default=False,
+                                                      help="Stop when this text is generated (repeatable).")]
+
+
+def sampling_from_options(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                          repeat_last_n: int, presence_penalty: float, frequency_penalty: float,
+                          seed: Optional[int]) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_p=min_p,
+                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+
+
+def check_ctx_size(model, ctx_size: Optional[int]) -> int:
+    """The context a run may fill: --ctx-size, at most the model's own."""
+    limit = model.args.context_length
+    if ctx_size is None:
+        return limit
+    if ctx_size > limit:
+        raise LeankError(f"--ctx-size {ctx_size} exceeds the model's context of {limit} tokens")
+    return ctx_size
+
+
+# --- inputs and loading -------------------------------------------------------------------------------------------------
+def read_text_file(path: Path, option: str) -> str:
+    """A UTF-8 text file named by `option`, or one clear error."""
+    if str(path) == "-":
+        return sys.stdin.read()
+    if path.is_dir():
+        raise LeankError(f"{option} {path}: is a directory, not a text file")
+    if not path.is_file():
+        raise LeankError(f"{option} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LeankError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] = None, quiet: bool = False):
+    """`leank.load` with a transient progress bar on stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from leank.runtime.engine import load
+
+    path = default_model(path)
+    if quiet or not err.is_terminal:
+        return load(path, device=device, dtype=dtype)
+    with Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(Path(path).name, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return load(path, device=device, dtype=dtype, progress=progress)
+
+
+def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent):
+    """The cache policy the command line asks for (see `leank.runtime.policy.build_policy`)."""
+    from leank.runtime.policy import build_policy
+
+    return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+                        sink_tokens=sink, recent_tokens=recent)

@@ -158,7 +158,7 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool = False,
         os.replace(tmp, target)
         _fsync(target.parent, directory=True)
     except OSError as e:
-        raise LeankError(f"{label}: writing failed ({e.strerror or e}); nothing was written") from None
+        raise LeankError(f"{label}: writing failed ({e.strerror or e}); no output was left behind") from None
     finally:
         try:
             os.unlink(tmp)

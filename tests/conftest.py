@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -74,6 +79,54 @@ def default_model(default_model_path):
     import leank
 
     return leank.load(default_model_path, device="cpu")
+
+
+class CliResult(NamedTuple):
+    """What a `leank` run left: `code, out, err = result` or `result.returncode` etc."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def leank_cli(capsys, monkeypatch):
+    """`leank_cli(*args, stdin="")` runs the `leank` command in this process (`leank.cli.app.run`: the
+    entry point minus `sys.exit`), standard input a pipe holding `stdin`; returns a `CliResult`. The
+    environment and torch's thread count are restored afterwards."""
+    from leank.cli.app import run
+
+    def invoke(*args, stdin: str = "") -> CliResult:
+        capsys.readouterr()  # drop what came before
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        env, threads = dict(os.environ), torch.get_num_threads()
+        try:
+            code = run([str(a) for a in args])
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+LEANK = [sys.executable, "-m", "leank.cli"]
+
+
+@pytest.fixture
+def leank_process():
+    """`leank_process(*args, stdin=None, **popen)`: the `leank` command in a process of its own, for what
+    only a real process shows (exit statuses, signals, file permissions); a `CliResult`."""
+
+    def invoke(*args, stdin: str | None = None, timeout: float = 300, **kwargs) -> CliResult:
+        env = dict(os.environ, COLUMNS="200")
+        r = subprocess.run(LEANK + [str(a) for a in args], input=stdin, capture_output=True, text=True,
+                           timeout=timeout, env=env, **kwargs)
+        return CliResult(r.returncode, r.stdout, r.stderr)
+
+    return invoke
 
 
 @pytest.fixture(autouse=True)

@@ -25,32 +25,6 @@ from leank.runtime.gguf_file import GGUFFile
 from leank.runtime.policy import CachePolicy, build_policy
 
 TINY = dict(n_layers=2, dim=128, n_heads=4, n_kv_heads=2)  # head_dim 32
-LEANK = [sys.executable, "-c", "from leank.cli.app import main; main()"]
-
-
-def cli(*args, **kwargs):
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run(LEANK + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=env,
-                          **kwargs)
-
-
-def run_cli(capsys, *args) -> subprocess.CompletedProcess:
-    """The `leank` entry point in-process (no interpreter start-up), as a CompletedProcess."""
-    from leank.cli.app import main
-
-    old = sys.argv
-    sys.argv = ["leank", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 def assert_one_line_error(r, *fragments):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -250,7 +224,7 @@ def _drop_dac_override():
         os._exit(99)
 
 
-def test_read_only_target_directory(tmp_path, tiny):
+def test_read_only_target_directory(tmp_path, tiny, leank_process):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -259,7 +233,7 @@ def test_read_only_target_directory(tmp_path, tiny):
             with pytest.raises(LeankError, match="not writable"):
                 convert(tiny, ro / "out.gguf", "ones")
         else:  # root writes anywhere unless it loses CAP_DAC_OVERRIDE: run the command without it
-            r = cli("convert", tiny, "--mask", "ones", "-o", ro / "out.gguf", preexec_fn=_drop_dac_override)
+            r = leank_process("convert", tiny, "--mask", "ones", "-o", ro / "out.gguf", preexec_fn=_drop_dac_override)
             assert_one_line_error(r, "not writable")
         assert leftovers(ro) == []
     finally:
@@ -267,30 +241,30 @@ def test_read_only_target_directory(tmp_path, tiny):
 
 
 # --- the CLI and the runtime ---------------------------------------------------------------------------
-def test_cli_convert_inspect_and_errors(tmp_path, tiny, capsys):
+def test_cli_convert_inspect_and_errors(tmp_path, tiny, leank_cli):
     out = tmp_path / "out.gguf"
-    r = run_cli(capsys, "convert", tiny, "--mask", "freq:0.5", "--align", "8", "--k-bits", "4", "--v-bits", "4", "--sink", "16",
+    r = leank_cli("convert", tiny, "--mask", "freq:0.5", "--align", "8", "--k-bits", "4", "--v-bits", "4", "--sink", "16",
             "--recent", "64", "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["policy"]["k_bits"] == 4 and report["bytes_written"] > 0 and report["peak_rss_bytes"] > 0
-    r = run_cli(capsys, "inspect", out, "--json")
+    r = leank_cli("inspect", out, "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     lk = s["leank"]
     assert lk["fingerprint_matches"] and lk["mask"]["kept_fraction"] == 0.5
     assert lk["policy"]["sink_tokens"] == 16 and lk["kv_bytes_per_token"]["middle_region"] < lk["kv_bytes_per_token"]["fp16_dense"]
-    r = run_cli(capsys, "inspect", out)
+    r = leank_cli("inspect", out)
     assert r.returncode == 0 and "embedded mask" in r.stdout and "50.00 %" in r.stdout
-    r = run_cli(capsys, "inspect", tiny)
+    r = leank_cli("inspect", tiny)
     assert r.returncode == 0 and "none (a plain GGUF file" in r.stdout
-    assert_one_line_error(run_cli(capsys, "convert", tiny, "--mask", "freq:0.5", "-o", out), "already exists")
-    assert_one_line_error(run_cli(capsys, "convert", tiny, "--mask", "freq:abc", "-o", tmp_path / "x.gguf"), "not a ratio")
-    assert_one_line_error(run_cli(capsys, "convert", tiny, "-o", tmp_path / "x.gguf"), "--mask SPEC")
+    assert_one_line_error(leank_cli("convert", tiny, "--mask", "freq:0.5", "-o", out), "already exists")
+    assert_one_line_error(leank_cli("convert", tiny, "--mask", "freq:abc", "-o", tmp_path / "x.gguf"), "not a ratio")
+    assert_one_line_error(leank_cli("convert", tiny, "-o", tmp_path / "x.gguf"), "--mask SPEC")
     assert leftovers(tmp_path) == ["out.gguf"]
 
 
-def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny, capsys):
+def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny, leank_cli):
     out = tmp_path / "out.gguf"
     r = convert(tiny, out, "freq:0.5", align=8, k_bits=4, v_bits=4, sink_tokens=4, recent_tokens=32)
     m = leank.load(out, device="cpu")
@@ -306,14 +280,14 @@ def test_runtime_uses_the_embedded_policy_and_options_override(tmp_path, tiny, c
     assert m.new_cache().policy == r.policy
     # the same through `leank generate`
     for extra, k_bits in (([], 4), (["--k-bits", "2"], 2)):
-        g = run_cli(capsys, "generate", out, "-p", "hello", "-n", "2", "-t", "0", "--json", *extra)
+        g = leank_cli("generate", out, "-p", "hello", "-n", "2", "--temp", "0", "--json", *extra)
         assert g.returncode == 0, g.stderr
         policy = json.loads(g.stdout)["policy"]
         assert (policy["kind"], policy["k_bits"], policy["sink_tokens"]) == ("leank+kivi", k_bits, 4)
         assert policy["mask"]["kept_fraction"] == r.policy.mask.kept_fraction
 
 
-def test_fingerprint_mismatch_is_a_clear_error(tmp_path, make_tiny, capsys):
+def test_fingerprint_mismatch_is_a_clear_error(tmp_path, make_tiny, leank_cli):
     """leank metadata made for model A, pasted into model B of the same shape."""
     from leank.convert.writer import rewrite_gguf
 
@@ -324,7 +298,7 @@ def test_fingerprint_mismatch_is_a_clear_error(tmp_path, make_tiny, capsys):
     rewrite_gguf(GGUFFile(b), forged, add_metadata=lambda w: write_leank_metadata(w, policy, fp_a))
     with pytest.raises(LeankError, match="different model"):
         leank.load(forged, device="cpu")
-    assert_one_line_error(run_cli(capsys, "generate", forged, "-p", "hi", "-n", "1"), "fingerprint mismatch")
+    assert_one_line_error(leank_cli("generate", forged, "-p", "hi", "-n", "1"), "fingerprint mismatch")
     # converting it again repairs it (the invalid metadata is noted and replaced)
     r = convert(forged, tmp_path / "fixed.gguf", "ones")
     assert r.notes and "invalid leank metadata" in r.notes[0]

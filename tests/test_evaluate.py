@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -115,17 +112,11 @@ def test_decode_perplexity_per_policy(tiny):
     assert abs(kivi["decode_nll"] - dense["decode_nll"]) >= abs(kivi["nll"] - dense["nll"]) > 0
 
 
-def _leank(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from leank.cli.app import main; sys.argv = ['leank', *sys.argv[1:]]; main()"
-    env = {**os.environ, "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_cli_eval_writes_table_and_json(tiny, tmp_path):
+def test_cli_eval_writes_table_and_json(tiny, tmp_path, leank_cli):
     text = tmp_path / "text.txt"
     text.write_text("Leaves fall in autumn and the wind is cold. " * 20)
     out = tmp_path / "r.json"
-    r = _leank("eval", str(tiny.path), "--task", "passkey", "--length", "600", "--depth", "0.4", "--policy", "dense",
+    r = leank_cli("eval", str(tiny.path), "--task", "passkey", "--length", "600", "--depth", "0.4", "--policy", "dense",
                "--policy", "kivi2", "--sink", "16", "--recent", "64", "--json-out", str(out), "--ppl-file", str(text),
                "--ppl-ctx", "120", "--ppl-prefix", "16", "--seed", "7")
     assert r.returncode == 0, r.stderr
@@ -136,10 +127,10 @@ def test_cli_eval_writes_table_and_json(tiny, tmp_path):
     assert set(data["perplexity"]) == {"dense", "kivi2"} and data["summary"][0]["samples"] == 1
 
 
-def test_cli_eval_errors_are_one_line(tiny):
-    r = _leank("eval", str(tiny.path), "--policy", "kivi5")
+def test_cli_eval_errors_are_one_line(tiny, leank_cli):
+    r = leank_cli("eval", str(tiny.path), "--policy", "kivi5")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "kivi5" in r.stderr
-    r = _leank("eval", str(tiny.path), "--length", "99999")
+    r = leank_cli("eval", str(tiny.path), "--length", "99999")
     assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -36,23 +36,6 @@ def released(name: str):
     return path
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the `leank` entry point in-process: (exit code, stdout, stderr)."""
-    from leank.cli.app import main
-
-    old = sys.argv
-    sys.argv = ["leank", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 # --- binarization ------------------------------------------------------------------------------------
 def reference_binarize(scores: np.ndarray, ratio: float, align: int) -> np.ndarray:
     """The stage-2 rule written out with loops: global top-k, per-head rounding, per-head top channels."""
@@ -397,7 +380,7 @@ def read_png(path):
     return raw[:, 1:].reshape(h, w, 3)
 
 
-def test_mask_show_json_and_png(tmp_path, capsys):
+def test_mask_show_json_and_png(tmp_path, leank_cli):
     from leank.masks.heatmap import HEAD_PRUNED, KEPT, PRUNED
 
     kept = torch.zeros(2, 2, 32, dtype=torch.bool)
@@ -406,7 +389,7 @@ def test_mask_show_json_and_png(tmp_path, capsys):
     path = tmp_path / "m.safetensors"
     Mask(kept, Provenance("freq", 0.5, 8)).save(path)
     png = tmp_path / "m.png"
-    code, out, err = run_cli(capsys, "mask", "show", path, "--json", "--png", png)
+    code, out, err = leank_cli("mask", "show", path, "--json", "--png", png)
     assert code == 0, err
     report = json.loads(out)
     assert report["heads_by_kept_count"] == {"0": 1, "8": 1, "32": 2}
@@ -418,30 +401,30 @@ def test_mask_show_json_and_png(tmp_path, capsys):
     assert tuple(img[0, right]) == HEAD_PRUNED and tuple(img[img.shape[0] - 1, right]) == KEPT
 
 
-def test_mask_show_text_of_released_mask(capsys):
-    code, out, _ = run_cli(capsys, "mask", "show", released("llama3.1-8b-instruct.pth"), "--no-layers")
+def test_mask_show_text_of_released_mask(leank_cli):
+    code, out, _ = leank_cli("mask", "show", released("llama3.1-8b-instruct.pth"), "--no-layers")
     assert code == 0
     assert "31.25 %" in out and "47 of 256" in out and "Hugging Face" in out
 
 
-def test_mask_show_and_make_errors_are_one_line(tmp_path, capsys):
+def test_mask_show_and_make_errors_are_one_line(tmp_path, leank_cli):
     tsv = tmp_path / "a.tsv"
     write_stage1(tsv, torch.rand(2, 2, 16))
-    code, out, err = run_cli(capsys, "mask", "show", tsv)
+    code, out, err = leank_cli("mask", "show", tsv)
     assert code == 1 and err.count("\n") == 1 and "needs --model" in err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a mask at all")
-    code, _, err = run_cli(capsys, "mask", "show", bad)
+    code, _, err = leank_cli("mask", "show", bad)
     assert code == 1 and err.count("\n") == 1 and "not a readable mask file" in err
 
 
-def test_mask_make_writes_a_native_file(tmp_path, capsys, make_tiny):
+def test_mask_make_writes_a_native_file(tmp_path, leank_cli, make_tiny):
     model = make_tiny(n_layers=2, dim=64, n_heads=4, n_kv_heads=2)
     out_path = tmp_path / "f.safetensors"
-    code, _, err = run_cli(capsys, "mask", "make", "freq:0.5", "--model", model, "--align", "8", "-o", out_path, "--json")
+    code, _, err = leank_cli("mask", "make", "freq:0.5", "--model", model, "--align", "8", "-o", out_path, "--json")
     assert code == 0, err
     mask = Mask.load(out_path)
     assert mask.provenance.method == "freq" and mask.provenance.extra["arch"] == "llama"
     assert mask == resolve_mask("freq:0.5", open_header(model), align=8)
-    code, _, err = run_cli(capsys, "mask", "make", "freq:0.5", "--model", model, "-o", out_path)
+    code, _, err = leank_cli("mask", "make", "freq:0.5", "--model", model, "-o", out_path)
     assert code == 1 and "already exists" in err

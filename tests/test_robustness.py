@@ -220,7 +220,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_chat_survives_ctrl_c_mid_reply_and_ends_at_eof(make_tiny):
     model = make_tiny(**CHATTY)
-    p = subprocess.Popen(LEANK + ["chat", str(model), "-n", "300", "-t", "0.8", "--seed", "3", "--kv", "leank+kivi",
+    p = subprocess.Popen(LEANK + ["chat", str(model), "-n", "300", "--temp", "0.8", "--seed", "3", "--kv", "leank+kivi",
                                   "--k-bits", "4", "--v-bits", "4", "--recent", "64", "--sink", "4"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=dict(os.environ, COLUMNS="200"))

@@ -164,6 +164,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="leank", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130) and, without standalone mode, returns the code
+            sys.stdout.flush()
+            return _fail("interrupted", 130)
         return code if isinstance(code, int) else 0
     except LeankError as e:
         if debug:

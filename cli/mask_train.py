@@ -64,9 +64,9 @@ def train(
     ckpt = checkpoint or output.with_name(output.name + ".ckpt")
     # every path is checked before the model loads: a bad one must not cost a training run
     prepare_output(output, "--output", force=force, inputs=[src, data, ckpt])
+    prepare_output(ckpt, "--checkpoint", force=True, inputs=[src, data, output])
     if ckpt.exists() and not (resume or force):
         raise LeankError(f"--checkpoint {ckpt}: already exists; --resume continues from it, --force starts over")
-    prepare_output(ckpt, "--checkpoint", force=True, inputs=[src, data, output])
     stages = {"1": (1,), "2": (2,), "both": (1, 2)}.get(stage)
     if stages is None:
         raise LeankError("--stage must be 1, 2 or both")

@@ -175,7 +175,7 @@ def read_text_file(path: Path, option: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise LeankError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise LeankError(f"{option} {path}: not UTF-8 text (invalid bytes at offset {e.start})") from None
 
 
 def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] = None, quiet: bool = False):

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 from rich.console import Console
 
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 out = Console(soft_wrap=True, highlight=False)
 
 

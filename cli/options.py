@@ -53,16 +53,29 @@ def default_model(path: Optional[Path]) -> Path:
 
 
 # --- threads and debugging (every verb, and before the verb) -------------------------------------------------
+def busy_cores() -> int:
+    """Cores other processes keep busy: the lesser of the 1-minute load average and the processes runnable
+    right now besides this one (/proc/loadavg). The average alone would still count a leank run that has
+    just ended; the instant count alone, a burst."""
+    try:
+        average = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1  # "1.02 0.98 0.91 2/345 6789": 2 running
+    except (OSError, ValueError, IndexError):
+        running = round(average)
+    return max(0, min(round(average), running))
+
+
 def default_threads() -> int:
     """The CPU threads used when none are asked for: one per core this process may run on, less the cores
-    other processes keep busy (the 1-minute load average), at least 1. On a 2-core machine with one other
-    busy process, 2 threads decoded at 1.9 tok/s and 1 thread at 33 (see bench/RESULTS.md)."""
+    other processes keep busy, at least 1. Threads that find their core taken stall every step: on the
+    2-core VM with one other busy process, decode ran at 0.9 tok/s on 2 threads and 6 tok/s on 1
+    (bench/RESULTS.md, "Threads on a busy machine")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, cores - busy)
+    return max(1, cores - busy_cores())
 
 
 def set_threads(value: Optional[int]) -> Optional[int]:

@@ -184,15 +184,23 @@ def test_threads_on_every_verb(leank_cli, tiny_llama):
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
-    from leank.cli.options import default_threads
+    import leank.cli.options as options
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    assert default_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))  # one other busy process
-    assert default_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert default_threads() == 1
+    for average, running, threads in ((0.1, 0, 2), (1.2, 1, 1), (5.0, 4, 1), (1.4, 0, 2), (0.2, 3, 2)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (average, average, average))
+        real_open = open
+
+        def fake_open(path, *args, **kwargs):
+            if path == "/proc/loadavg":
+                import io
+
+                return io.StringIO(f"{average} {average} {average} {running + 1}/300 12345")
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", fake_open)
+        assert options.default_threads() == threads, (average, running)
+        monkeypatch.setattr("builtins.open", real_open)
 
 
 # --- output files: never destroy data ------------------------------------------------------------------------

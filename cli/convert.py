@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from leank.cli.options import (AlignOpt, DebugOpt, ForceOpt, GroupOpt, JsonOpt, KBitsOpt, ModelArg, ModelOpt,
-                               RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path)
+                               RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path, not_a_directory)
 from leank.cli.output import (err, files_named_in, human_bytes, out, prepare_output, print_json, print_mask_stats,
                               print_summary)
 from leank.errors import LeankError
@@ -45,6 +45,7 @@ def convert(
     if output is None:
         raise LeankError("no output file: pass -o OUT.gguf")
     src = default_model(model_path(model, model_option))
+    not_a_directory(mask, "--mask")
     prepare_output(output, "--output", force=force, inputs=[src, *files_named_in(mask)])
     show = not json_out and err.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err,

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model
+from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model, not_a_directory
 from leank.cli.output import err, files_named_in, mask_report, out, prepare_output, print_json, print_mask_stats
 
 SourceArg = Annotated[str, typer.Argument(
@@ -41,6 +41,7 @@ def show(
     from leank.masks.heatmap import write_heatmap
     from leank.masks.spec import read_mask_source
 
+    not_a_directory(source, "MASK_OR_MODEL")
     inputs = [model, *files_named_in(source)]
     prepare_output(png, "--png", force=force, inputs=inputs)
     mask = read_mask_source(source, arch=arch, model=model, align=align)
@@ -80,6 +81,7 @@ def make(
     from leank.masks.spec import resolve_mask
     from leank.runtime.inspect import open_header
 
+    not_a_directory(spec, "SPEC")
     inputs = [default_model(model), *files_named_in(spec)]
     prepare_output(output, "--output", force=force, inputs=inputs)
     header = open_header(model)

@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, ModelOpt, ThreadsOpt, default_model,
-                               load_model, model_path)
+                               load_model, model_path, not_a_directory)
 from leank.cli.output import err, out, prepare_output
 
 
@@ -62,6 +62,7 @@ def train(
     model = model_path(model, model_option)
     src = default_model(model)
     ckpt = checkpoint or output.with_name(output.name + ".ckpt")
+    not_a_directory(data, "--data")
     # every path is checked before the model loads: a bad one must not cost a training run
     prepare_output(output, "--output", force=force, inputs=[src, data, ckpt])
     prepare_output(ckpt, "--checkpoint", force=True, inputs=[src, data, output])

@@ -26,7 +26,16 @@ ModelArg = Annotated[
 ]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE", show_default=False,
                                                   help="GGUF model file, as llama.cpp's -m (or give it as MODEL).")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="NAME", help="cpu, cuda, or auto (CUDA when available).")]
+def check_device(value: str) -> str:
+    import re
+
+    if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto (got {value})")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="NAME", callback=check_device,
+                                        help="cpu, cuda (cuda:N), or auto (CUDA when available).")]
 DtypeOpt = Annotated[
     Optional[str],
     typer.Option("--dtype", metavar="NAME", help="float32 (CPU default), bfloat16, float16 (CUDA default).",
@@ -210,9 +219,17 @@ def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] 
         return load(path, device=device, dtype=dtype, progress=progress)
 
 
+def not_a_directory(value, option: str):
+    """`value` (a path or a SPEC that may be one), refused with one line when it names a directory."""
+    if value is not None and Path(str(value)).is_dir():
+        raise LeankError(f"{option} {value}: is a directory, not a file")
+    return value
+
+
 def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent):
     """The cache policy the command line asks for (see `leank.runtime.policy.build_policy`)."""
     from leank.runtime.policy import build_policy
 
+    not_a_directory(mask, "--mask")
     return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
                         sink_tokens=sink, recent_tokens=recent)

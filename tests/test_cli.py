@@ -139,6 +139,17 @@ def test_impossible_policies_fail_before_work(leank_cli, tiny_llama):
     assert_one_line_error(leank_cli(*g, "--kv", "bogus"), "--kv")
 
 
+def test_careless_values_get_one_clear_line(leank_cli, tiny_llama, tmp_path):
+    assert_one_line_error(leank_cli("generate", tiny_llama, "-p", "hi", "--device", "tpu"),
+                          "--device: must be cpu, cuda, cuda:N or auto (got tpu)", code=2)
+    assert_one_line_error(leank_cli("generate", tiny_llama, "-p", "hi", "--kv", "leank", "--mask", tmp_path),
+                          "--mask", "is a directory", code=1)
+    assert_one_line_error(leank_cli("mask", "show", tmp_path), "is a directory", code=1)
+    assert_one_line_error(leank_cli("info", tmp_path), "is a directory", code=1)
+    assert_one_line_error(leank_cli("mask", "train", tiny_llama, "-o", tmp_path / "m.st", "--data", tmp_path),
+                          "--data", "is a directory", code=1)
+
+
 def test_prompt_file_errors(leank_cli, tiny_llama, tmp_path):
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path / "none.txt"), "--file", "no such file")
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path), "is a directory")

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import struct
-import sys
 import zlib
 from pathlib import Path
 

@@ -10,7 +10,7 @@ GGUF models run in torch with a KV cache that LeanK channel masks prune and KIVI
 import os
 
 # OpenMP threads that wait for work spin on a core by default; on a machine busy with other work that
-# stalled decode 4-10x (bench/RESULTS.md, "Threads on a busy machine"). Passive waiting must be set
+# stalled decode 3-14x (bench/RESULTS.md, "Threads on a busy machine"). Passive waiting must be set
 # before torch loads its OpenMP runtime, so it is set here; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -8,9 +8,9 @@ GGUF models run in torch with a KV cache that LeanK channel masks prune and KIVI
         print(text, end="")
 """
 from leank.errors import LeankError
-from leank.masks.mask import Mask, Provenance
+from leank.runtime.cache.mask import Mask, Provenance
+from leank.runtime.cache.policy import CachePolicy
 from leank.runtime.engine import Model, load
-from leank.runtime.policy import CachePolicy
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "CachePolicy", "Mask", "Provenance", "LeankError", "__version__"]

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from leank.kernels import tilelang_ops as tlo
 from leank.kernels.quant import packed_width
 from leank.kernels.reference import MiddleGroup
-from leank.runtime.compressed import head_groups, region_sizes
-from leank.runtime.policy import CachePolicy
+from leank.runtime.cache.compressed import head_groups
+from leank.runtime.cache.plan import region_sizes
+from leank.runtime.cache.policy import CachePolicy
 
 HQ, HKV, D, GROUP = 32, 8, 128, 32
 DTYPE = torch.bfloat16

@@ -52,7 +52,7 @@ def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from leank.runtime.engine import load
-    from leank.runtime.tokenizer import default_model_path
+    from leank.runtime.defaults import default_model_path
 
     path = default_model_path() if path is None else path
     if quiet or not err.is_terminal:
@@ -69,7 +69,7 @@ def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] 
 
 def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent):
     """The cache policy the command line asks for (see `leank.runtime.policy.build_policy`)."""
-    from leank.runtime.policy import build_policy
+    from leank.masks.choose import build_policy
 
     return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
                         sink_tokens=sink, recent_tokens=recent)

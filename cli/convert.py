@@ -39,7 +39,7 @@ def convert(
 
     from leank.convert.convert import convert as run_convert
     from leank.errors import LeankError
-    from leank.runtime.tokenizer import default_model_path
+    from leank.runtime.defaults import default_model_path
 
     if output is None:
         raise LeankError("no output file: pass -o OUT.gguf")

@@ -132,7 +132,7 @@ def make(
     """
     from leank.errors import LeankError
     from leank.masks.spec import resolve_mask
-    from leank.runtime.inspect import open_header
+    from leank.runtime.engine import open_header
 
     if output.exists() and not force:
         raise LeankError(f"{output}: already exists (use --force to overwrite)")

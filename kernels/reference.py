@@ -1,6 +1,6 @@
 """Attention over the compressed cache layout, in torch: the CPU path and the GPU kernels' reference.
 
-Layout of one layer (see `leank.runtime.compressed` for how tokens get there):
+Layout of one layer (see `leank.runtime.cache.compressed` for how tokens get there):
 - full region: K and V (B, Hkv, F, D) in the compute dtype: the sink tokens, then the recent ones;
   the queries' own tokens are its last T entries (causal inside it);
 - middle region, per head group (KV heads that keep the same number c > 0 of K channels):

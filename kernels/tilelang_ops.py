@@ -15,6 +15,7 @@ TileLang is imported only by this module and the `tl_*` modules it imports, only
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import os
 from types import SimpleNamespace
 
@@ -142,8 +143,6 @@ def precompile(specs, workers: int | None = None) -> list:
     workers = min(workers or max(1, (os.cpu_count() or 2) - 2), len(specs))
     failed = []
     if workers > 1:
-        import multiprocessing as mp
-
         chunks = [specs[i::workers] for i in range(workers)]
         with mp.get_context("spawn").Pool(workers) as pool:
             failed = [f for part in pool.map(_compile_some, chunks) for f in part]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import ALIGNMENTS, Mask, Provenance
+from leank.runtime.cache.mask import ALIGNMENTS, Mask, Provenance
 
 
 def check_binarize_args(shape: tuple[int, ...], ratio: float, align: int) -> None:

@@ -11,8 +11,8 @@ import math
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import ALIGNMENTS, Mask, Provenance
-from leank.runtime.rope import inverse_frequencies, rope_mode
+from leank.runtime.cache.mask import ALIGNMENTS, Mask, Provenance
+from leank.runtime.model.rope import inverse_frequencies, rope_mode
 
 
 def kept_per_head(head_dim: int, ratio: float, align: int) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask
+from leank.runtime.cache.mask import Mask
 
 KEPT = (250, 190, 50)
 PRUNED = (35, 35, 55)

@@ -268,9 +268,9 @@ def test_compressed_cache_decode_matches_reference(tlo):
     from types import SimpleNamespace
 
     from leank.kernels import dispatch
-    from leank.masks.mask import Mask
-    from leank.runtime.compressed import CompressedCache
-    from leank.runtime.policy import CachePolicy
+    from leank.runtime.cache.mask import Mask
+    from leank.runtime.cache.compressed import CompressedCache
+    from leank.runtime.cache.policy import CachePolicy
 
     Hkv, R, D, B = len(E2E_COUNTS), 2, 64, 2
     kept = torch.zeros(1, Hkv, D, dtype=torch.bool)

@@ -78,7 +78,7 @@ class CopyStats:
 
 class MetadataRecords:
     """New metadata records, encoded as GGUF key/value bytes. Offers the `add_*` methods of
-    `gguf.GGUFWriter` that `leank.convert.schema.write_leank_metadata` uses."""
+    `gguf.GGUFWriter` that `leank.runtime.gguf.schema.write_leank_metadata` uses."""
 
     def __init__(self):
         self.records: list[tuple[str, bytes]] = []

@@ -25,6 +25,7 @@ import torch
 
 from leank.errors import LeankError
 from leank.masks.binarize import binarize
+from leank.runtime import defaults
 from leank.runtime.cache.base import CacheBytes, KVCache
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.mask import Mask
@@ -196,7 +197,7 @@ def channel_scores(model, sequences: Sequence[Sequence[int]],
     return stats.scores()
 
 
-def calibration_mask(model, ratio: float, align: int = 16, n_tokens: int = DEFAULT_TOKENS,
+def calibration_mask(model, ratio: float, align: int = defaults.ALIGN, n_tokens: int = DEFAULT_TOKENS,
                      seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> Mask:
     """A mask pruning `ratio` of `model`'s K channels by calibrated |q|*|k| importance (see module doc).

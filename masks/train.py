@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from leank.errors import LeankError
 from leank.masks.binarize import binarize_scores, check_binarize_args, straight_through_mask
 from leank.masks.tasks import make_sample
+from leank.runtime import defaults
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.mask import Mask, Provenance
 from leank.runtime.gguf.schema import k_fingerprint
@@ -40,7 +41,7 @@ TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alte
 @dataclass
 class TrainConfig:
     ratio: float = 0.7  # fraction of K channels pruned
-    align: int = 16
+    align: int = defaults.ALIGN
     steps: int = 1000  # per stage
     stages: tuple[int, ...] = (1, 2)
     lr: float | None = None  # stage 1; stage 2 uses half. Default: 0.02 for llama, 0.04 for qwen (LeanK)

@@ -37,6 +37,7 @@ METHODS = {  # name: (pruned, k_bits, v_bits)
     "LeanK+KIVI-2": (True, 2, 2),
     "KIVI-2": (False, 2, 2),
 }
+GRAPH_METHOD = "LeanK+KIVI-2"  # the method also timed the way a CUDA-graph decode engine calls it
 
 
 def typical_layer(kept: torch.Tensor) -> int:
@@ -58,10 +59,18 @@ def rand(shape, dtype, gen) -> torch.Tensor:
     return t.normal_(0.1, 0.5, generator=gen)
 
 
-def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_bits: int, gen):
-    """One layer's compressed cache as `CompressedCache` lays it out, filled with random values."""
+def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_bits: int, gen,
+               capacity: int | None = None):
+    """One layer's compressed cache as `CompressedCache` lays it out, filled with random values.
+
+    With `capacity`, the buffers hold `capacity` tokens' regions and the call is the CUDA-graph one:
+    lengths in device tensors (returned as the sixth item), `middle_len` the middle capacity; the bytes
+    counted are still those of `n_tokens`."""
     policy = CachePolicy(k_bits=k_bits, v_bits=v_bits, group_size=GROUP)
     F_, M = region_sizes(policy, n_tokens)
+    if capacity is not None:
+        fn, mn = F_, M
+        F_, M = (max(a, b) for a, b in zip(region_sizes(policy, capacity), (fn, mn)))
     full_k, full_v = rand((B, HKV, F_, D), DTYPE, gen), rand((B, HKV, F_, D), DTYPE, gen)
     groups = []
     for heads, channels in head_groups(kept_layer):
@@ -82,7 +91,12 @@ def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_b
         groups.append(g)
     nbytes = full_k.nbytes + full_v.nbytes + sum(
         t.nbytes for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min) if t is not None)
-    return full_k, full_v, groups, M, nbytes
+    if capacity is None:
+        return full_k, full_v, groups, M, nbytes
+    nbytes = (full_k.nbytes + full_v.nbytes) * fn // F_ + sum(
+        t.nbytes for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min) if t is not None) * mn // M
+    lens = (torch.full((B,), fn, dtype=torch.int32, device="cuda"), torch.full((B,), mn, dtype=torch.int32, device="cuda"))
+    return full_k, full_v, groups, M, nbytes, lens
 
 
 def time_ms(fn) -> tuple[float, float | None]:
@@ -112,7 +126,8 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
 
 
 TUNING_ENV = {"MIDDLE": "LEANK_TL_MIDDLE", "MIDDLE16": "LEANK_TL_MIDDLE16", "FULL": "LEANK_TL_FULL",
-              "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST", "WAVES": "LEANK_TL_WAVES"}
+              "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST", "WAVES": "LEANK_TL_WAVES",
+              "COMBINE": "LEANK_TL_COMBINE"}
 
 
 def apply_variant(variant: str) -> None:
@@ -178,6 +193,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--memory-fraction", type=float, default=0.85, help="skip cases whose dense K/V exceed this")
+    ap.add_argument("--capacity", type=int, default=131072, help="also time the CUDA-graph call of "
+                    f"{GRAPH_METHOD} with buffers for this many tokens and lengths in device tensors (0: no)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/attention_gpu.json"))
     ap.add_argument("--sweep", default="", help="kernel tunings to compare first, ';'-separated, e.g. "
                     "'MIDDLE=64,128,0,8|BPS=8;' (empty: the defaults); the fastest is used for the main run")
@@ -235,12 +252,25 @@ def main() -> None:
                                  speedup=base / (graph or eager)))
                 del fk, fv, groups
                 torch.cuda.empty_cache()
-            for r in rows[-5:]:
+            if args.capacity and n_tokens <= args.capacity:
+                # the CUDA-graph call of a decode engine: buffers and split plan for `capacity` tokens,
+                # lengths (n_tokens) read from device memory
+                pruned, kb, vb = METHODS[GRAPH_METHOD]
+                fk, fv, groups, M, nbytes, (fl, ml) = make_layer(kept if pruned else ones, B, n_tokens, kb, vb, gen,
+                                                                 capacity=args.capacity)
+                fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale, fl, ml)  # noqa: E731
+                eager, graph = time_ms(fn)
+                rows.append(dict(method=f"{GRAPH_METHOD} @cap{args.capacity // 1024}K", batch=B, context=n_tokens,
+                                 ms=eager, graph_ms=graph, bytes=nbytes, speedup=base / (graph or eager)))
+                del fk, fv, groups
+                torch.cuda.empty_cache()
+            n_rows = 6 if args.capacity and n_tokens <= args.capacity else 5
+            for r in rows[-n_rows:]:
                 t = r["graph_ms"] or r["ms"]
                 r["gbps"] = r["bytes"] / t / 1e6
                 r["copy_fraction"] = r["gbps"] / copy_gbps
             console.print(f"B={B} ctx={n_tokens}: " + ", ".join(f"{r['method']} {(r['graph_ms'] or r['ms']):.3f} ms"
-                                                               for r in rows[-5:]))
+                                                               for r in rows[-n_rows:]))
     table = Table(title=f"decode attention, one layer, {card} (bf16, 32 q / 8 kv heads, d 128, mask layer {layer})")
     for col in ("method", "batch", "context", "ms (eager)", "ms (graph)", "MB read", "GB/s", "% copy BW", "x dense"):
         table.add_column(col, justify="right")

@@ -59,6 +59,11 @@ def middle_tuning(k_bits: int, v_bits: int, group: int) -> tuple:
     return math.ceil(max(tile, group) / group) * group, threads, stages, min_blocks, bool(prefetch)
 
 
+def _combine_kind() -> str:
+    """LEANK_TL_COMBINE=serial: the first merge kernel (`tl_decode.combine_serial`), for comparison."""
+    return "combine_serial" if os.environ.get("LEANK_TL_COMBINE") == "serial" else "combine"
+
+
 def full_min_blocks() -> int:
     return int(os.environ.get("LEANK_TL_FULL", FULL_MIN_BLOCKS))
 
@@ -107,6 +112,8 @@ def build(spec: tuple):
         return tl_decode.middle_decode(*cfg)
     if kind == "combine":
         return tl_decode.combine(*cfg)
+    if kind == "combine_serial":
+        return tl_decode.combine_serial(*cfg)
     if kind == "quantize_k":
         return tl_quant.quantize_k(*cfg)
     if kind == "quantize_v":
@@ -275,7 +282,13 @@ def decode_supported(q, full_k, groups, k_bits, v_bits, group) -> bool:
 def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, groups: list, middle_len: int,
                          k_bits: int, v_bits: int, group: int, scale: float | None = None,
                          full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """As `leank.kernels.reference.compressed_attention`; decode (T == 1) runs on TileLang kernels."""
+    """As `leank.kernels.reference.compressed_attention`; decode (T == 1) runs on TileLang kernels.
+
+    Inside a CUDA graph (one capture replayed at every length): pass the full region's capacity buffers
+    as `full_k`/`full_v`, the middle capacity as `middle_len`, and the lengths as device tensors
+    `full_lens`/`middle_lens` (updated in place between replays). Everything decided on the host (split
+    counts, workspace shapes, kernel choice) then depends on shapes and capacities only; the kernels read
+    each sequence's lengths and cut its chunks themselves (`tl_decode._split_range`)."""
     if not decode_supported(q, full_k, groups, k_bits, v_bits, group):
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
@@ -294,24 +307,24 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     f_lens = full_lens.to(device=dev, dtype=torch.int32).contiguous() if full_lens is not None else lens_dummy
     m_lens = middle_lens.to(device=dev, dtype=torch.int32).contiguous() if middle_lens is not None else lens_dummy
 
-    n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms, full_min_blocks())
+    n_full, _ = _splits(F, B * Hkv, FULL_BLOCK, sms, full_min_blocks())
     mid = []
     if middle_len > 0:
         tuning = middle_tuning(k_bits, v_bits, group)
         bm = tuning[0]
         for g in groups:
-            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms, tuning[3])))
-    n_mid = max((n for _, n, _ in mid), default=0)
+            mid.append((g, _splits(middle_len, B * g.heads.shape[0], bm, sms, tuning[3])[0]))
+    n_mid = max((n for _, n in mid), default=0)
     S = n_full + n_mid
     o_part = _empty((B, Hq, S, D), torch.float32, dev)
     lse_part = _empty((B, Hq, S), torch.float32, dev)
     out = _empty((B, Hq, D), q.dtype, dev)
 
     kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK, 128, full_min_blocks()))(
-        qf, fk, fv, f_lens, o_part, lse_part, F, chunk_full, n_full, sl2)
+        qf, fk, fv, f_lens, o_part, lse_part, F, n_full, sl2)
     f16_dummy = _dummy(dev, torch.float16)
     fast = fast_unpack() and tuning[2] == 0 if mid else False
-    for g, n, chunk in mid:
+    for g, n in mid:
         c = g.channels.shape[1]
         ks, km = (g.k_scale, g.k_min) if k_bits < 16 else (f16_dummy, f16_dummy)
         vs, vm = (g.v_scale, g.v_min) if v_bits < 16 else (f16_dummy, f16_dummy)
@@ -322,8 +335,8 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
             gk, gv = g.k, g.v
         spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, *tuning, use_fast)
         kernel(spec)(qf, g.heads, g.channels, gk, ks, km, gv, vs, vm, m_lens, o_part, lse_part,
-                     middle_len, chunk, n, n_full, sl2)
-    kernel(("combine", D, dt))(o_part, lse_part, out)
+                     middle_len, n, n_full, sl2)
+    kernel((_combine_kind(), D, dt))(o_part, lse_part, out)
     return out.view(B, Hq, 1, D)
 
 
@@ -332,7 +345,7 @@ def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bit
     """The kernel specs one decode configuration uses (for `precompile`)."""
     dt = _DTYPES[dtype]
     specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK, 128, full_min_blocks()),
-             ("combine", head_dim, dt)]
+             (_combine_kind(), head_dim, dt)]
     tuning = middle_tuning(k_bits, v_bits, group)
     for c in sorted(set(int(c) for c in kept_counts if c > 0)):
         specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths, *tuning,

@@ -143,7 +143,6 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
         o_part: T.Tensor((B, HQ, S, D), ACCUM),
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
-        chunk: T.int32,
         n_splits: T.int32,
         scale_log2: T.float32,
     ):
@@ -167,9 +166,7 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start = sid * chunk
-            end = T.min(start + chunk, n)
-            n_blocks = T.ceildiv(T.max(end - start, 0), BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, BN)
 
             for r, d in T.Parallel(BH, D):
                 q_s[r, d] = T.if_then_else(r < R, q[b, h * R + T.min(r, R - 1), d], T.cast(0, dtype))
@@ -275,7 +272,6 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
         o_part: T.Tensor((B, HQ, S, D), ACCUM),
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
-        chunk: T.int32,
         n_splits: T.int32,
         split_offset: T.int32,
         scale_log2: T.float32,
@@ -334,9 +330,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start = sid * chunk
-            end = T.min(start + chunk, n)
-            n_blocks = T.ceildiv(T.max(end - start, 0), BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, BN)
 
             for r, j in T.Parallel(BH, CP):
                 q_s[r, j] = T.if_then_else(
@@ -521,6 +515,20 @@ def fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group: 
     return k_fast, v_fast
 
 
+def _split_range(n, sid, n_splits, block_n: int):
+    """(start, end, tiles) of split `sid` of `n` valid tokens cut into `n_splits` chunks of whole tiles.
+
+    The chunk comes from the sequence's own length, in the kernel, not from the host: the split count is
+    the only host-side plan (fixed by the capacity when a CUDA graph is captured), so one graph replays at
+    every length with balanced splits, and with per-sequence lengths each sequence gets its own chunk.
+    With n_splits from `tilelang_ops._splits` this is the chunk the host used to pass: ceil(n / splits)
+    rounded up to whole tiles never exceeds it, and n_splits chunks still cover n."""
+    chunk = T.ceildiv(T.ceildiv(n, n_splits), block_n) * block_n
+    start = sid * chunk
+    end = T.min(start + chunk, n)
+    return start, end, T.ceildiv(T.max(end - start, 0), block_n)
+
+
 @T.macro
 def _softmax_step(acc_s, acc_o, m, m_prev, alpha, row_sum, l, p_s, t0, end, scale_log2, BH, BN, D):
     """Online softmax over one tile of scores (log2 units); leaves the tile's probabilities in p_s.
@@ -552,8 +560,84 @@ def _write_split(acc_o, l, m, o_part, lse_part, b, h, slot, R, BH, D):
             lse_part[b, h * R + r, slot] = T.if_then_else(l[r] > 0, T.log2(l[r]) + m[r], -T.infinity(ACCUM))
 
 
-def combine(head_dim: int, dtype: str, threads: int | None = None):
-    """out[b, h] = sum over splits of o_part * 2^(lse - lse_total); 0 where no split saw a token."""
+def combine(head_dim: int, dtype: str, threads: int = 256, unroll: int = 4):
+    """out[b, h] = sum over splits of o_part * 2^(lse - lse_total); 0 where no split saw a token.
+
+    The splits are spread over the threads: first the largest lse (each thread a strided share, then a
+    tree in shared memory), then the weighted sum, where each row of D / 4 threads takes every
+    (threads / (D / 4))-th split, four channels a thread, `unroll` splits' loads issued before they are
+    used; the rows' sums meet in shared memory. The first version had each thread walk every split twice,
+    one dependent load after another: at batch 1 a call has ~270 splits (bench/KERNEL_NOTES.md)."""
+    D, VEC, U = head_dim, 4, unroll
+    LANES = D // VEC
+    ROWS = threads // LANES
+    assert D % VEC == 0 and threads % LANES == 0 and ROWS >= 1 and threads & (threads - 1) == 0
+    STEPS = tuple(threads >> k for k in range(1, threads.bit_length()))  # tree of the max: 128, 64, ..., 1
+    B, HQ, S = T.dynamic("B, HQ, S")
+
+    @T.prim_func
+    def kernel(
+        o_part: T.Tensor((B, HQ, S, D), ACCUM),
+        lse_part: T.Tensor((B, HQ, S), ACCUM),
+        out: T.Tensor((B, HQ, D), dtype),
+    ):
+        with T.Kernel(HQ, B, threads=threads) as (h, b):
+            tx = T.get_thread_binding()
+            red = T.alloc_shared((threads,), ACCUM)
+            part = T.alloc_shared((ROWS, D), ACCUM)
+            tot = T.alloc_shared((ROWS,), ACCUM)
+            acc = T.alloc_local((VEC,), ACCUM)
+            ov = T.alloc_local((U * VEC,), ACCUM)
+            lw = T.alloc_local((U,), ACCUM)
+            mx = T.alloc_var(ACCUM)
+            total = T.alloc_var(ACCUM)
+            mx = -T.infinity(ACCUM)
+            for i in T.serial(T.ceildiv(S, threads)):
+                if i * threads + tx < S:
+                    mx = T.max(mx, lse_part[b, h, i * threads + tx])
+            red[tx] = mx
+            T.sync_threads()
+            for step in STEPS:
+                if tx < step:
+                    red[tx] = T.max(red[tx], red[tx + step])
+                T.sync_threads()
+            mx = red[0]  # -inf when no split saw a token: every weight below is NaN then, and skipped
+            total = 0
+            for e in T.serial(VEC):
+                acc[e] = 0
+            r = tx // LANES
+            c = tx % LANES
+            for i in T.serial(T.ceildiv(S, ROWS * U)):
+                for u in T.unroll(U):
+                    lw[u] = lse_part[b, h, T.min((i * U + u) * ROWS + r, S - 1)]
+                    for e in T.vectorized(VEC):
+                        ov[u * VEC + e] = o_part[b, h, T.min((i * U + u) * ROWS + r, S - 1), c * VEC + e]
+                for u in T.unroll(U):
+                    # empty splits (lse -inf: weight 0) may hold anything in o_part: never multiplied
+                    lw[u] = T.if_then_else((i * U + u) * ROWS + r < S, T.exp2(lw[u] - mx), T.cast(0, ACCUM))
+                    if lw[u] > 0:
+                        total = total + lw[u]
+                        for e in T.unroll(VEC):
+                            acc[e] = acc[e] + lw[u] * ov[u * VEC + e]
+            for e in T.vectorized(VEC):
+                part[r, c * VEC + e] = acc[e]
+            if c == 0:
+                tot[r] = total
+            T.sync_threads()
+            if tx < D:
+                mx = 0
+                total = 0
+                for j in T.unroll(ROWS):
+                    mx = mx + part[j, tx]
+                    total = total + tot[j]
+                out[b, h, tx] = T.if_then_else(total > 0, T.cast(mx / total, dtype), T.cast(0, dtype))
+
+    return kernel
+
+
+def combine_serial(head_dim: int, dtype: str, threads: int | None = None):
+    """The first `combine`: each thread walks every split twice, one load after another. Kept only to
+    measure the new one against it (LEANK_TL_COMBINE=serial); to be removed after that measurement."""
     D = head_dim
     threads = threads or min(128, D)
     B, HQ, S = T.dynamic("B, HQ, S")

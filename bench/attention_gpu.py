@@ -127,7 +127,7 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
 
 TUNING_ENV = {"MIDDLE": "LEANK_TL_MIDDLE", "MIDDLE16": "LEANK_TL_MIDDLE16", "FULL": "LEANK_TL_FULL",
               "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST", "WAVES": "LEANK_TL_WAVES",
-              "COMBINE": "LEANK_TL_COMBINE"}
+              "MINT": "LEANK_TL_MIN_TILES"}
 
 
 def apply_variant(variant: str) -> None:

@@ -144,9 +144,12 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
         n_splits: T.int32,
+        min_chunk: T.int32,
         scale_log2: T.float32,
     ):
-        with T.Kernel(n_splits, HKV, B, threads=threads) as (sid, h, b):
+        # splits vary slowest: a sequence shorter than the plan leaves its last splits empty, and those
+        # then come last in the launch instead of taking slots in every wave (`_split_range`)
+        with T.Kernel(HKV, B, n_splits, threads=threads) as (h, b, sid):
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             q_s = T.alloc_shared((BH, D), dtype)
@@ -166,7 +169,7 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start, end, n_blocks = _split_range(n, sid, n_splits, BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, min_chunk, BN)
 
             for r, d in T.Parallel(BH, D):
                 q_s[r, d] = T.if_then_else(r < R, q[b, h * R + T.min(r, R - 1), d], T.cast(0, dtype))
@@ -273,10 +276,11 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
         n_splits: T.int32,
+        min_chunk: T.int32,
         split_offset: T.int32,
         scale_log2: T.float32,
     ):
-        with T.Kernel(n_splits, NH, B, threads=threads) as (sid, hi, b):
+        with T.Kernel(NH, B, n_splits, threads=threads) as (hi, b, sid):  # splits slowest, as in full_decode
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             if k_fast or v_fast:
@@ -330,7 +334,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start, end, n_blocks = _split_range(n, sid, n_splits, BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, min_chunk, BN)
 
             for r, j in T.Parallel(BH, CP):
                 q_s[r, j] = T.if_then_else(
@@ -515,15 +519,18 @@ def fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group: 
     return k_fast, v_fast
 
 
-def _split_range(n, sid, n_splits, block_n: int):
-    """(start, end, tiles) of split `sid` of `n` valid tokens cut into `n_splits` chunks of whole tiles.
+def _split_range(n, sid, n_splits, min_chunk, block_n: int):
+    """(start, end, tiles) of split `sid` of `n` valid tokens cut into at most `n_splits` and at most
+    ceil(n / min_chunk) chunks of whole tiles (`min_chunk`: a multiple of the tile).
 
-    The chunk comes from the sequence's own length, in the kernel, not from the host: the split count is
+    The cut comes from the sequence's own length, in the kernel, not from the host: the split count is
     the only host-side plan (fixed by the capacity when a CUDA graph is captured), so one graph replays at
-    every length with balanced splits, and with per-sequence lengths each sequence gets its own chunk.
-    With n_splits from `tilelang_ops._splits` this is the chunk the host used to pass: ceil(n / splits)
-    rounded up to whole tiles never exceeds it, and n_splits chunks still cover n."""
-    chunk = T.ceildiv(T.ceildiv(n, n_splits), block_n) * block_n
+    every length with balanced splits; a short sequence uses fewer splits (the others are empty and cost
+    the merge nothing but a skipped slot), and with per-sequence lengths each sequence gets its own cut.
+    With n_splits and min_chunk from `tilelang_ops._splits` this is the host's own plan: the same count of
+    non-empty splits, chunks of ceil(n / splits) rounded up to whole tiles, covering n."""
+    used = T.max(T.min(n_splits, T.ceildiv(n, min_chunk)), 1)
+    chunk = T.ceildiv(T.ceildiv(n, used), block_n) * block_n
     start = sid * chunk
     end = T.min(start + chunk, n)
     return start, end, T.ceildiv(T.max(end - start, 0), block_n)
@@ -567,7 +574,8 @@ def combine(head_dim: int, dtype: str, threads: int = 256, unroll: int = 4):
     tree in shared memory), then the weighted sum, where each row of D / 4 threads takes every
     (threads / (D / 4))-th split, four channels a thread, `unroll` splits' loads issued before they are
     used; the rows' sums meet in shared memory. The first version had each thread walk every split twice,
-    one dependent load after another: at batch 1 a call has ~270 splits (bench/KERNEL_NOTES.md)."""
+    one dependent load after another: at batch 1, 32K (~270 splits) this one took LeanK+KIVI-2 from 0.058
+    to 0.038 ms on an H200 (bench/KERNEL_NOTES.md)."""
     D, VEC, U = head_dim, 4, unroll
     LANES = D // VEC
     ROWS = threads // LANES
@@ -633,40 +641,3 @@ def combine(head_dim: int, dtype: str, threads: int = 256, unroll: int = 4):
                 out[b, h, tx] = T.if_then_else(total > 0, T.cast(mx / total, dtype), T.cast(0, dtype))
 
     return kernel
-
-
-def combine_serial(head_dim: int, dtype: str, threads: int | None = None):
-    """The first `combine`: each thread walks every split twice, one load after another. Kept only to
-    measure the new one against it (LEANK_TL_COMBINE=serial); to be removed after that measurement."""
-    D = head_dim
-    threads = threads or min(128, D)
-    B, HQ, S = T.dynamic("B, HQ, S")
-
-    @T.prim_func
-    def kernel(
-        o_part: T.Tensor((B, HQ, S, D), ACCUM),
-        lse_part: T.Tensor((B, HQ, S), ACCUM),
-        out: T.Tensor((B, HQ, D), dtype),
-    ):
-        with T.Kernel(HQ, B, threads=threads) as (h, b):
-            acc = T.alloc_fragment((D,), ACCUM)
-            lse_max = T.alloc_var(ACCUM)
-            total = T.alloc_var(ACCUM)
-            w = T.alloc_var(ACCUM)
-            lse_max = -T.infinity(ACCUM)
-            for s in T.serial(S):
-                lse_max = T.max(lse_max, lse_part[b, h, s])
-            total = 0
-            T.clear(acc)
-            for s in T.serial(S):
-                w = T.if_then_else(lse_part[b, h, s] > -T.infinity(ACCUM), T.exp2(lse_part[b, h, s] - lse_max),
-                                   T.cast(0, ACCUM))
-                total = total + w
-                for d in T.Parallel(D):
-                    acc[d] = acc[d] + T.if_then_else(w > 0, w * o_part[b, h, s, d], T.cast(0, ACCUM))
-            for d in T.Parallel(D):
-                out[b, h, d] = T.if_then_else(total > 0, T.cast(acc[d] / total, dtype), T.cast(0, dtype))
-
-    return kernel
-
-

@@ -47,6 +47,8 @@ VARIANTS = {
     "unpack-v1": {"LEANK_TL_FAST": "0"},
     "prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,1", "LEANK_TL_MIDDLE16": "64,128,0,4,1"},
     "no-prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,0", "LEANK_TL_MIDDLE16": "64,128,0,4,0"},
+    "one-tile-splits": {"LEANK_TL_MIN_TILES": "1", "LEANK_TL_BLOCKS_PER_SM": "32"},
+    "no-waves": {"LEANK_TL_WAVES": "0"},
 }
 VARIANT_CASES = ("llama-kivi2", "kivi4-lens-b8", "d64-k4v2-g16-odd", "fp16-gqa1")
 

@@ -186,6 +186,37 @@ def sweep(variants: list[str], kept: torch.Tensor, console, gen) -> tuple[list[d
     return out, best
 
 
+def breakdown(kept: torch.Tensor, n_tokens: int, batches: list[int], console, gen) -> list[dict]:
+    """Graph time of one LeanK+KIVI-2 call with only one of its kernels launched (the others skipped;
+    their outputs are left as they are, which changes no kernel's work), to place the time of a call."""
+    pruned, kb, vb = METHODS[GRAPH_METHOD]
+    scale = 1 / math.sqrt(D)
+    real = tlo.kernel
+    out = []
+    try:
+        for B in batches:
+            fk, fv, groups, M, _ = make_layer(kept if pruned else torch.ones_like(kept), B, n_tokens, kb, vb, gen)
+            q = rand((B, HQ, 1, D), DTYPE, gen)
+            parts = ["all", "full", "combine"] + [f"middle c={g.channels.shape[1]}" for g in groups]
+            row = dict(batch=B, context=n_tokens)
+            for part in parts:
+                def only(spec, part=part):
+                    name = spec[0] if spec[0] != "middle" else f"middle c={spec[4]}"
+                    return real(spec) if part in ("all", name) else (lambda *a: None)
+                tlo.kernel = only
+                fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)  # noqa: E731
+                row[part] = time_ms(fn)[1]
+            tlo.kernel = real
+            console.print(f"breakdown {GRAPH_METHOD} B={B} ctx={n_tokens}: " +
+                          ", ".join(f"{k} {v * 1000:.1f} us" for k, v in row.items() if isinstance(v, float)))
+            out.append(row)
+            del fk, fv, groups
+            torch.cuda.empty_cache()
+    finally:
+        tlo.kernel = real
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mask", type=Path, default=DEFAULT_MASK)
@@ -195,6 +226,8 @@ def main() -> None:
     ap.add_argument("--memory-fraction", type=float, default=0.85, help="skip cases whose dense K/V exceed this")
     ap.add_argument("--capacity", type=int, default=131072, help="also time the CUDA-graph call of "
                     f"{GRAPH_METHOD} with buffers for this many tokens and lengths in device tensors (0: no)")
+    ap.add_argument("--breakdown", default="", help="contexts at which to time each kernel of a "
+                    f"{GRAPH_METHOD} call alone, at batch 1 and 64 (e.g. 32768)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/attention_gpu.json"))
     ap.add_argument("--sweep", default="", help="kernel tunings to compare first, ';'-separated, e.g. "
                     "'MIDDLE=64,128,0,8|BPS=8;' (empty: the defaults); the fastest is used for the main run")
@@ -225,6 +258,7 @@ def main() -> None:
     for pruned, kb, vb in METHODS.values():  # compile (or load) every kernel before timing
         tlo.precompile(tlo.decode_specs(D, HQ // HKV, DTYPE, (kept if pruned else ones).sum(-1).tolist(), kb, vb, GROUP))
     console.print(f"kernels ready in {time.time() - t0:.1f} s")
+    parts = [r for n in filter(None, args.breakdown.split(",")) for r in breakdown(kept, int(n), [1, 64], console, gen)]
     copy_gbps = copy_bandwidth_gbps()
     console.print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     rows = []
@@ -284,7 +318,7 @@ def main() -> None:
                                         host=platform.node(), copy_gbps=copy_gbps, mask_layer=layer,
                                         kept_counts=kept.sum(-1).tolist(), middle_tuning=tlo.MIDDLE_TUNING,
                                         tuning_env={e: __import__("os").environ.get(e) for e in TUNING_ENV.values()},
-                                        sweep=sweep_rows, rows=rows), indent=1, default=str))
+                                        sweep=sweep_rows, breakdown=parts, rows=rows), indent=1, default=str))
     console.print(f"wrote {args.out}")
 
 

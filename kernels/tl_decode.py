@@ -345,25 +345,29 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(ACCUM))
-            if pf:  # tile 0 (addresses are clamped: harmless when there is no tile)
-                for t, w in T.Parallel(BN, KWW):
-                    if KWW == KW:
-                        kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
-                    else:
-                        kc_r[t, w] = T.if_then_else(w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
-                for g, j in T.Parallel(BG, CP):
-                    ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
-                    km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
-                for t, w in T.Parallel(BN, VW):
-                    vc_r[t, w] = v[b, hi, T.min(start + t, CAPV - 1), w]
-                for t, g in T.Parallel(BN, VG):
-                    vs_r[t, g] = v_scale[b, hi, T.min(start + t, CAPVS - 1), g]
-                    vm_r[t, g] = v_min[b, hi, T.min(start + t, CAPVS - 1), g]
-            if pf16:
-                for t, j in T.Parallel(BN, CP):
-                    k_r[t, j] = k[b, hi, T.min(start + t, CAPK - 1), T.min(j, C - 1)]
-                for t, d in T.Parallel(BN, D):
-                    v_r[t, d] = v[b, hi, T.min(start + t, CAPV - 1), d]
+            # tile 0, loaded only where the split has a tile: in a CUDA graph planned for a capacity, a short
+            # sequence leaves many splits empty (addresses are clamped in any case)
+            if pf or pf16:
+                if n_blocks > 0:
+                    if pf:
+                        for t, w in T.Parallel(BN, KWW):
+                            if KWW == KW:
+                                kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
+                            else:
+                                kc_r[t, w] = T.if_then_else(w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                        for g, j in T.Parallel(BG, CP):
+                            ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                            km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                        for t, w in T.Parallel(BN, VW):
+                            vc_r[t, w] = v[b, hi, T.min(start + t, CAPV - 1), w]
+                        for t, g in T.Parallel(BN, VG):
+                            vs_r[t, g] = v_scale[b, hi, T.min(start + t, CAPVS - 1), g]
+                            vm_r[t, g] = v_min[b, hi, T.min(start + t, CAPVS - 1), g]
+                    if pf16:
+                        for t, j in T.Parallel(BN, CP):
+                            k_r[t, j] = k[b, hi, T.min(start + t, CAPK - 1), T.min(j, C - 1)]
+                        for t, d in T.Parallel(BN, D):
+                            v_r[t, d] = v[b, hi, T.min(start + t, CAPV - 1), d]
             for kb in T.Pipelined(n_blocks, num_stages=stages):
                 t0 = start + kb * BN
                 if pf16:  # this tile: registers -> shared memory (rows past the end and padding: 0), then the next

@@ -95,7 +95,7 @@ def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_b
         return full_k, full_v, groups, M, nbytes
     nbytes = (full_k.nbytes + full_v.nbytes) * fn // F_ + sum(
         t.nbytes for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min) if t is not None) * mn // M
-    lens = (torch.full((B,), fn, dtype=torch.int32, device="cuda"), torch.full((B,), mn, dtype=torch.int32, device="cuda"))
+    lens = tuple(torch.full((B,), x, dtype=torch.int32, device="cuda") for x in (fn, mn))
     return full_k, full_v, groups, M, nbytes, lens
 
 

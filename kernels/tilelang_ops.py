@@ -234,12 +234,13 @@ def _capacity_view(x: torch.Tensor) -> torch.Tensor:
 def _splits(length: int, rows: int, block: int, sm_count: int, resident: int = 0) -> tuple[int, int]:
     """(number of splits, least tokens per split) for `length` tokens and `rows` (batch x heads) blocks.
 
-    The count aims at BLOCKS_PER_SM blocks per SM, but at most ceil(tiles / MIN_TILES) splits: at batch 1 the aim alone gave one-tile splits whose merge cost more than their
-    parallelism gained. With WAVES (LEANK_TL_WAVES=1) and `resident` blocks per SM (the kernel's
-    min-blocks cap), the count may grow by up to half so that the last wave of blocks is at least
-    WAVE_FILL full (blocks of a launch take about equally long: 5 splits of 256 rows on 4 x 132 slots
-    leave the third wave 42 % full, 6 fill it to 97 %). The kernels cut each sequence's chunks from its
-    own length and these two numbers (`tl_decode._split_range`)."""
+    The count aims at BLOCKS_PER_SM blocks per SM, but at most ceil(tiles / MIN_TILES) splits: at batch 1
+    the aim alone gave one-tile splits whose merge cost more than their parallelism gained. With WAVES
+    (LEANK_TL_WAVES=1) and `resident` blocks per SM (the kernel's min-blocks cap), the count may grow by
+    up to half so that the last wave of blocks is at least WAVE_FILL full (blocks of a launch take about
+    equally long: 5 splits of 256 rows on 4 x 132 slots leave the third wave 42 % full, 6 fill it to
+    97 %). The kernels cut each sequence's chunks from its own length and these two numbers
+    (`tl_decode._split_range`)."""
     min_tiles = max(1, int(os.environ.get("LEANK_TL_MIN_TILES", MIN_TILES)))
     if length <= 0:
         return 1, min_tiles * block

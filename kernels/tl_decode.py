@@ -354,7 +354,8 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                             if KWW == KW:
                                 kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
                             else:
-                                kc_r[t, w] = T.if_then_else(w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                                kc_r[t, w] = T.if_then_else(
+                                    w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
                         for g, j in T.Parallel(BG, CP):
                             ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
                             km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]

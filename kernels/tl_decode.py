@@ -1,7 +1,8 @@
 """TileLang decode attention (one query token) over the compressed cache: split-KV flash-decoding.
 
 Three kernels, all with symbolic batch, lengths, capacities and split counts (one compilation per
-configuration, never per length):
+configuration, never per length). Per-sequence lengths are read from device memory and each split's
+token range is cut in the kernel (`_split_range`), so one captured CUDA graph replays at every length:
 - `full_decode`: the full-precision region (B, Hkv, cap, D) of every KV head, split along tokens;
   block (split 0, head h) also marks every middle split slot of h empty (lse -inf), so that heads
   without a middle group, and groups with fewer splits, leave nothing for `combine` to read;

@@ -15,9 +15,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from leank.errors import LeankError  # noqa: E402
-from leank.masks.mask import Mask, Provenance
+from leank.runtime.cache.mask import Mask, Provenance  # noqa: E402
+from leank.runtime.cache.policy import CachePolicy  # noqa: E402
 from leank.runtime.engine import Model, load
-from leank.runtime.policy import CachePolicy
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "CachePolicy", "Mask", "Provenance", "LeankError", "__version__"]

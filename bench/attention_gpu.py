@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from leank.kernels import tilelang_ops as tlo
 from leank.kernels.quant import packed_width
 from leank.kernels.reference import MiddleGroup
-from leank.runtime.compressed import head_groups, region_sizes
-from leank.runtime.policy import CachePolicy
+from leank.runtime.cache.compressed import head_groups
+from leank.runtime.cache.plan import region_sizes
+from leank.runtime.cache.policy import CachePolicy
 
 HQ, HKV, D, GROUP = 32, 8, 128, 32
 DTYPE = torch.bfloat16
@@ -37,6 +38,7 @@ METHODS = {  # name: (pruned, k_bits, v_bits)
     "LeanK+KIVI-2": (True, 2, 2),
     "KIVI-2": (False, 2, 2),
 }
+GRAPH_METHOD = "LeanK+KIVI-2"  # the method also timed the way a CUDA-graph decode engine calls it
 
 
 def typical_layer(kept: torch.Tensor) -> int:
@@ -58,10 +60,18 @@ def rand(shape, dtype, gen) -> torch.Tensor:
     return t.normal_(0.1, 0.5, generator=gen)
 
 
-def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_bits: int, gen):
-    """One layer's compressed cache as `CompressedCache` lays it out, filled with random values."""
+def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_bits: int, gen,
+               capacity: int | None = None):
+    """One layer's compressed cache as `CompressedCache` lays it out, filled with random values.
+
+    With `capacity`, the buffers hold `capacity` tokens' regions and the call is the CUDA-graph one:
+    lengths in device tensors (returned as the sixth item), `middle_len` the middle capacity; the bytes
+    counted are still those of `n_tokens`."""
     policy = CachePolicy(k_bits=k_bits, v_bits=v_bits, group_size=GROUP)
     F_, M = region_sizes(policy, n_tokens)
+    if capacity is not None:
+        fn, mn = F_, M
+        F_, M = (max(a, b) for a, b in zip(region_sizes(policy, capacity), (fn, mn)))
     full_k, full_v = rand((B, HKV, F_, D), DTYPE, gen), rand((B, HKV, F_, D), DTYPE, gen)
     groups = []
     for heads, channels in head_groups(kept_layer):
@@ -82,7 +92,12 @@ def make_layer(kept_layer: torch.Tensor, B: int, n_tokens: int, k_bits: int, v_b
         groups.append(g)
     nbytes = full_k.nbytes + full_v.nbytes + sum(
         t.nbytes for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min) if t is not None)
-    return full_k, full_v, groups, M, nbytes
+    if capacity is None:
+        return full_k, full_v, groups, M, nbytes
+    nbytes = (full_k.nbytes + full_v.nbytes) * fn // F_ + sum(
+        t.nbytes for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min) if t is not None) * mn // M
+    lens = tuple(torch.full((B,), x, dtype=torch.int32, device="cuda") for x in (fn, mn))
+    return full_k, full_v, groups, M, nbytes, lens
 
 
 def time_ms(fn) -> tuple[float, float | None]:
@@ -112,7 +127,8 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
 
 
 TUNING_ENV = {"MIDDLE": "LEANK_TL_MIDDLE", "MIDDLE16": "LEANK_TL_MIDDLE16", "FULL": "LEANK_TL_FULL",
-              "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST", "WAVES": "LEANK_TL_WAVES"}
+              "BPS": "LEANK_TL_BLOCKS_PER_SM", "FAST": "LEANK_TL_FAST", "WAVES": "LEANK_TL_WAVES",
+              "MINT": "LEANK_TL_MIN_TILES"}
 
 
 def apply_variant(variant: str) -> None:
@@ -171,6 +187,37 @@ def sweep(variants: list[str], kept: torch.Tensor, console, gen) -> tuple[list[d
     return out, best
 
 
+def breakdown(kept: torch.Tensor, n_tokens: int, batches: list[int], console, gen) -> list[dict]:
+    """Graph time of one LeanK+KIVI-2 call with only one of its kernels launched (the others skipped;
+    their outputs are left as they are, which changes no kernel's work), to place the time of a call."""
+    pruned, kb, vb = METHODS[GRAPH_METHOD]
+    scale = 1 / math.sqrt(D)
+    real = tlo.kernel
+    out = []
+    try:
+        for B in batches:
+            fk, fv, groups, M, _ = make_layer(kept if pruned else torch.ones_like(kept), B, n_tokens, kb, vb, gen)
+            q = rand((B, HQ, 1, D), DTYPE, gen)
+            parts = ["all", "full", "combine"] + [f"middle c={g.channels.shape[1]}" for g in groups]
+            row = dict(batch=B, context=n_tokens)
+            for part in parts:
+                def only(spec, part=part):
+                    name = spec[0] if spec[0] != "middle" else f"middle c={spec[4]}"
+                    return real(spec) if part in ("all", name) else (lambda *a: None)
+                tlo.kernel = only
+                fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale)  # noqa: E731
+                row[part] = time_ms(fn)[1]
+            tlo.kernel = real
+            console.print(f"breakdown {GRAPH_METHOD} B={B} ctx={n_tokens}: " +
+                          ", ".join(f"{k} {v * 1000:.1f} us" for k, v in row.items() if isinstance(v, float)))
+            out.append(row)
+            del fk, fv, groups
+            torch.cuda.empty_cache()
+    finally:
+        tlo.kernel = real
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mask", type=Path, default=DEFAULT_MASK)
@@ -178,6 +225,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--contexts", default="8192,32768,131072")
     ap.add_argument("--memory-fraction", type=float, default=0.85, help="skip cases whose dense K/V exceed this")
+    ap.add_argument("--capacity", type=int, default=131072, help="also time the CUDA-graph call of "
+                    f"{GRAPH_METHOD} with buffers for this many tokens and lengths in device tensors (0: no)")
+    ap.add_argument("--breakdown", default="", help="contexts at which to time each kernel of a "
+                    f"{GRAPH_METHOD} call alone, at batch 1 and 64 (e.g. 32768)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/attention_gpu.json"))
     ap.add_argument("--sweep", default="", help="kernel tunings to compare first, ';'-separated, e.g. "
                     "'MIDDLE=64,128,0,8|BPS=8;' (empty: the defaults); the fastest is used for the main run")
@@ -208,6 +259,7 @@ def main() -> None:
     for pruned, kb, vb in METHODS.values():  # compile (or load) every kernel before timing
         tlo.precompile(tlo.decode_specs(D, HQ // HKV, DTYPE, (kept if pruned else ones).sum(-1).tolist(), kb, vb, GROUP))
     console.print(f"kernels ready in {time.time() - t0:.1f} s")
+    parts = [r for n in filter(None, args.breakdown.split(",")) for r in breakdown(kept, int(n), [1, 64], console, gen)]
     copy_gbps = copy_bandwidth_gbps()
     console.print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     rows = []
@@ -235,12 +287,25 @@ def main() -> None:
                                  speedup=base / (graph or eager)))
                 del fk, fv, groups
                 torch.cuda.empty_cache()
-            for r in rows[-5:]:
+            if args.capacity and n_tokens <= args.capacity:
+                # the CUDA-graph call of a decode engine: buffers and split plan for `capacity` tokens,
+                # lengths (n_tokens) read from device memory
+                pruned, kb, vb = METHODS[GRAPH_METHOD]
+                fk, fv, groups, M, nbytes, (fl, ml) = make_layer(kept if pruned else ones, B, n_tokens, kb, vb, gen,
+                                                                 capacity=args.capacity)
+                fn = lambda: tlo.compressed_attention(q, fk, fv, groups, M, kb, vb, GROUP, scale, fl, ml)  # noqa: E731
+                eager, graph = time_ms(fn)
+                rows.append(dict(method=f"{GRAPH_METHOD} @cap{args.capacity // 1024}K", batch=B, context=n_tokens,
+                                 ms=eager, graph_ms=graph, bytes=nbytes, speedup=base / (graph or eager)))
+                del fk, fv, groups
+                torch.cuda.empty_cache()
+            n_rows = 6 if args.capacity and n_tokens <= args.capacity else 5
+            for r in rows[-n_rows:]:
                 t = r["graph_ms"] or r["ms"]
                 r["gbps"] = r["bytes"] / t / 1e6
                 r["copy_fraction"] = r["gbps"] / copy_gbps
             console.print(f"B={B} ctx={n_tokens}: " + ", ".join(f"{r['method']} {(r['graph_ms'] or r['ms']):.3f} ms"
-                                                               for r in rows[-5:]))
+                                                               for r in rows[-n_rows:]))
     table = Table(title=f"decode attention, one layer, {card} (bf16, 32 q / 8 kv heads, d 128, mask layer {layer})")
     for col in ("method", "batch", "context", "ms (eager)", "ms (graph)", "MB read", "GB/s", "% copy BW", "x dense"):
         table.add_column(col, justify="right")
@@ -254,7 +319,7 @@ def main() -> None:
                                         host=platform.node(), copy_gbps=copy_gbps, mask_layer=layer,
                                         kept_counts=kept.sum(-1).tolist(), middle_tuning=tlo.MIDDLE_TUNING,
                                         tuning_env={e: __import__("os").environ.get(e) for e in TUNING_ENV.values()},
-                                        sweep=sweep_rows, rows=rows), indent=1, default=str))
+                                        sweep=sweep_rows, breakdown=parts, rows=rows), indent=1, default=str))
     console.print(f"wrote {args.out}")
 
 

@@ -52,7 +52,7 @@ def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str
     import torch
 
     import leank
-    from leank.runtime.policy import build_policy
+    from leank.masks.choose import build_policy
 
     m = leank.load(model_path, device="cpu")
     policy = build_policy(m, **POLICIES[policy_name])
@@ -121,7 +121,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     if a.model is None:
-        from leank.runtime.tokenizer import default_model_path
+        from leank.runtime.defaults import default_model_path
 
         a.model = str(default_model_path())
     rows = []

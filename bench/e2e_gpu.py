@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from leank.convert.synthetic import TinySpec, write_tiny_model
-from leank.masks.mask import Mask
-from leank.runtime.cache import DenseCache
-from leank.runtime.compressed import CompressedCache
-from leank.runtime.config import read_model_args
-from leank.runtime.gguf_file import GGUFFile
-from leank.runtime.model import load_transformer
-from leank.runtime.policy import CachePolicy
-from leank.runtime.rope import hf_to_gguf_permutation
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.compressed import CompressedCache
+from leank.runtime.arch.args import read_model_args
+from leank.runtime.gguf.reader import GGUFFile
+from leank.runtime.model.transformer import load_transformer
+from leank.runtime.cache.policy import CachePolicy
+from leank.runtime.model.rope import hf_to_gguf_permutation
 
 DEFAULT_MASK = Path(__file__).resolve().parents[2] / "shared/data/leank-masks/llama3.1-8b-instruct.pth"
 LLAMA31_8B = dict(arch="llama", n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, context_length=131072,

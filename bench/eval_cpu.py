@@ -39,8 +39,9 @@ def retrieval(args) -> None:
     import torch
 
     import leank
-    from leank.runtime.evaluate import parse_policies, run_sample
-    from leank.runtime.tasks import make_sample
+    from leank.masks.choose import parse_policies
+    from leank.masks.evaluate import run_sample
+    from leank.masks.tasks import make_sample
 
     torch.set_num_threads(args.threads)
     model = leank.load(args.model, device="cpu")
@@ -64,7 +65,8 @@ def perplexity(args) -> None:
     import torch
 
     import leank
-    from leank.runtime.evaluate import decode_perplexity, parse_policies
+    from leank.masks.evaluate import decode_perplexity
+    from leank.masks.choose import parse_policies
 
     torch.set_num_threads(args.threads)
     model = leank.load(args.model, device="cpu")

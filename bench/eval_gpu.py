@@ -72,7 +72,7 @@ def prepare(args) -> None:
     import dataclasses
 
     import leank
-    from leank.runtime.tasks import make_samples
+    from leank.masks.tasks import make_samples
 
     sys.path.insert(0, str(Path(__file__).parent))
     from eval_cpu import offline_text
@@ -149,8 +149,9 @@ def run(args) -> None:
     import torch
 
     import leank
-    from leank.runtime.evaluate import decode_perplexity, parse_policies, run_sample
-    from leank.runtime.tasks import Sample
+    from leank.masks.evaluate import decode_perplexity, run_sample
+    from leank.masks.choose import parse_policies
+    from leank.masks.tasks import Sample
 
     torch.set_num_threads(1)
     start = time.time()

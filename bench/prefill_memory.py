@@ -40,7 +40,7 @@ def worker(model: str | None, tokens: int, policy: str) -> dict:
 
     import leank
     from decode_cpu import context_ids
-    from leank.runtime.policy import build_policy
+    from leank.masks.choose import build_policy
 
     m = leank.load(model, device="cpu")
     pol = build_policy(m, **POLICIES[policy])

@@ -51,8 +51,8 @@ def soak(model_path, tokens: int, every: int, policy_options: dict, label: str) 
     import torch
 
     import leank
-    from leank.runtime.compressed import planned_nbytes
-    from leank.runtime.policy import build_policy
+    from leank.runtime.cache.plan import planned_nbytes
+    from leank.masks.choose import build_policy
 
     m = leank.load(model_path, device="cpu")
     a = m.args
@@ -112,7 +112,7 @@ def context_limit(workdir: Path) -> dict:
                                                               n_kv_heads=1))
     m = leank.load(path, device="cpu")
     policy = dict(kv="leank+kivi", k_bits=4, v_bits=4, sink_tokens=4, recent_tokens=64)
-    from leank.runtime.policy import build_policy
+    from leank.masks.choose import build_policy
 
     cache = m.new_cache(policy=build_policy(m, **policy))
     last = list(m.stream(m.tokenize("hello there"), max_tokens=10_000, temperature=0.8, seed=1, cache=cache))[-1]

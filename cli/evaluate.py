@@ -54,9 +54,9 @@ def eval_(
 
     from leank.errors import LeankError
     from leank.runtime.outputs import write_text
-    from leank.runtime.evaluate import (PROTOCOLS, check_policies, decode_perplexity, evaluate, parse_policies,
-                                        summarize)
-    from leank.runtime.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
+    from leank.masks.evaluate import PROTOCOLS, check_policies, decode_perplexity, evaluate, summarize
+    from leank.masks.choose import parse_policies
+    from leank.masks.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
 
     tasks, lengths, depths = task or ["passkey"], length or [2048], depth or [0.5]
     specs = policy or ["dense", "kivi4"]

@@ -15,6 +15,7 @@ from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeO
                                model_path, policy_from_options, read_text_file, sampling_from_options)
 from leank.cli.output import print_generation_stats, print_json
 from leank.errors import LeankError
+from leank.runtime.defaults import MAX_TOKENS as DEFAULTS_MAX_TOKENS
 
 
 def generate(
@@ -23,7 +24,7 @@ def generate(
                                                   help="Text to continue; '-' reads standard input.")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", show_default=False,
                                                  help="Read the prompt from this UTF-8 file (as llama.cpp's -f).")] = None,
-    max_tokens: MaxTokensOpt = 256,
+    max_tokens: MaxTokensOpt = DEFAULTS_MAX_TOKENS,
     ctx_size: CtxSizeOpt = None,
     temperature: TempOpt = DEFAULTS["temperature"],
     top_k: TopKOpt = DEFAULTS["top_k"],

@@ -24,7 +24,7 @@ def info(
 
     Example: leank info --ctx-size 8192 --kv leank+kivi --k-bits 2 --v-bits 2
     """
-    from leank.runtime.inspect import model_summary
+    from leank.convert.inspect import model_summary
 
     summary = model_summary(model_path(model, model_option), ctx=ctx, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits,
                             v_bits=v_bits, group_size=group_size, sink_tokens=sink, recent_tokens=recent)

@@ -79,7 +79,7 @@ def make(
     Example: leank mask make calib:0.7 --model model.gguf -o model-calib70.safetensors
     """
     from leank.masks.spec import resolve_mask
-    from leank.runtime.inspect import open_header
+    from leank.runtime.engine import open_header
 
     not_a_directory(spec, "SPEC")
     inputs = [default_model(model), *files_named_in(spec)]

@@ -55,7 +55,7 @@ def train(
 
     from leank.errors import LeankError
     from leank.masks.train import TrainConfig, load_examples, train_mask
-    from leank.runtime.policy import DEFAULT_SINK, default_recent
+    from leank.runtime.defaults import SINK_TOKENS as DEFAULT_SINK, default_recent
 
     if output is None:
         raise LeankError("pass --output FILE.safetensors for the trained mask")

@@ -56,7 +56,7 @@ def model_path(positional: Optional[Path], option: Optional[Path]) -> Optional[P
 
 def default_model(path: Optional[Path]) -> Path:
     """`path`, or the bundled default model."""
-    from leank.runtime.tokenizer import default_model_path
+    from leank.runtime.defaults import default_model_path
 
     return default_model_path() if path is None else path
 
@@ -227,8 +227,8 @@ def not_a_directory(value, option: str):
 
 
 def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent):
-    """The cache policy the command line asks for (see `leank.runtime.policy.build_policy`)."""
-    from leank.runtime.policy import build_policy
+    """The cache policy the command line asks for (see `leank.masks.choose.build_policy`)."""
+    from leank.masks.choose import build_policy
 
     not_a_directory(mask, "--mask")
     return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from leank.convert.inspect import model_summary
+from leank.convert.writer import rewrite_gguf
 from leank.errors import LeankError
-from leank.masks.mask import Mask
-from leank.runtime.policy import CachePolicy, default_recent
-
-NO_MASK = "none"  # --mask none: quantization settings only, every K channel kept
+from leank.masks.choose import choose_mask as choose_mask_for
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.policy import CachePolicy
+from leank.runtime.defaults import default_recent
+from leank.runtime.engine import open_header
+from leank.runtime.gguf.schema import PREFIX, k_fingerprint, write_leank_metadata
 
 
 @dataclass
@@ -48,49 +52,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _header(path):
-    """The input's header and its embedded policy; invalid old leank metadata is noted, not fatal,
-    since converting replaces it."""
-    from leank.runtime.config import read_model_args
-    from leank.runtime.gguf_file import GGUFFile
-    from leank.runtime.inspect import ModelHeader
-    from leank.runtime.policy import policy_from_file
-
-    path = Path(path)
-    f = GGUFFile(path)
-    args = read_model_args(f)
-    notes = []
-    try:
-        policy = policy_from_file(f, args)
-    except LeankError as e:
-        policy = None
-        notes.append(f"ignored the input's invalid leank metadata ({e})")
-    return ModelHeader(path, f, args, policy), notes
-
-
 def choose_mask(header, mask: str | Mask | None, align: int | None = None, progress=None) -> tuple[Mask | None, str]:
-    """The mask to embed and where it came from. With no `mask`: the input's embedded one, else the
-    learned mask shipped for this model, else an error naming the SPECs to choose from."""
-    from leank.masks.spec import resolve_mask
-
-    a = header.args
-    if isinstance(mask, Mask):
-        mask.check_fits(a.n_layers, a.n_kv_heads, a.head_dim, header.path.name)
-        return mask, "given"
-    if mask == NO_MASK:
-        return None, "none"
-    if mask is not None:
-        return resolve_mask(mask, header, align, progress=progress), "spec"
-    if header.policy is not None and header.policy.mask is not None:
-        return header.policy.mask, "embedded"
-    from leank.masks.shipped import shipped_mask
-
-    shipped = shipped_mask(header)
-    if shipped is not None:
-        return shipped, "shipped"
-    raise LeankError(f"{header.path.name}: no learned mask ships for this model; choose one with --mask SPEC, e.g. "
-                     "--mask freq:0.7 (training-free, instant), --mask calib:0.7 (calibrated on generated text), "
-                     "a LeanK .pth, a mask file, or --mask none (quantization only)")
+    """The mask to embed and where it came from (`leank.masks.choose.choose_mask`, without a generated
+    fallback): with no `mask`, the input's embedded one, else the learned mask shipped for this model,
+    else an error naming the SPECs to choose from."""
+    chosen, origin = choose_mask_for(header, mask, align=align, generated_fallback=False, progress=progress)
+    if origin == "missing":
+        raise LeankError(f"{header.path.name}: no learned mask ships for this model; choose one with --mask SPEC, e.g. "
+                         "--mask freq:0.7 (training-free, instant), --mask calib:0.7 (calibrated on generated text), "
+                         "a LeanK .pth, a mask file, or --mask none (quantization only)")
+    return chosen, origin
 
 
 def convert(model: str | Path, output: str | Path, mask: str | Mask | None = None, *, align: int | None = None,
@@ -104,14 +75,12 @@ def convert(model: str | Path, output: str | Path, mask: str | Mask | None = Non
     settings keep the input's embedded ones, else the runtime defaults (no quantization: 16 bits).
     `progress(bytes_done, bytes_total)` follows the copy; `mask_progress` a calibration.
     """
-    from leank.convert.schema import PREFIX, k_fingerprint, write_leank_metadata
-    from leank.convert.writer import rewrite_gguf
-
     t0 = time.perf_counter()
     output = Path(output)
     if output.exists() and not force:  # fail before any slow work (rewrite_gguf checks again)
         raise LeankError(f"{output}: already exists (use --force to overwrite)")
-    header, notes = _header(model)
+    header = open_header(model, tolerate_invalid_policy=True)
+    notes = header.notes
     a = header.args
     chosen, origin = choose_mask(header, mask, align, mask_progress)
     base = header.policy or CachePolicy(recent_tokens=default_recent(a.context_length))
@@ -138,8 +107,6 @@ def inspect_file(path: str | Path | None, ctx: int | None = None) -> dict:
     The summary's `kv_cache` is computed under the embedded policy (dense for a plain file); `leank` is
     None for a plain file. A fingerprint mismatch is an error (the runtime would refuse the file).
     """
-    from leank.runtime.inspect import model_summary
-
     summary = model_summary(path, ctx=ctx)
     lk = summary.get("leank")
     if lk is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 CHATML = (
@@ -79,8 +80,6 @@ def _vocab(spec: TinySpec):
 
 def quantize_rows(array: np.ndarray, tensor_type: str):
     """(data, raw_dtype) for GGUFWriter.add_tensor: F32/F16 as-is, other types through gguf-py."""
-    import gguf
-
     q = gguf.GGMLQuantizationType[tensor_type]
     if q == gguf.GGMLQuantizationType.F32:
         return array.astype(np.float32), None
@@ -95,8 +94,6 @@ def quantize_rows(array: np.ndarray, tensor_type: str):
 def random_quant_blocks(shape, qtype, rng: np.random.Generator) -> np.ndarray:
     """Random but well-formed blocks of a type gguf-py cannot quantize (the K-quants): random bits with
     every fp16 scale field set to a small finite value."""
-    import gguf
-
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
     raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
@@ -118,8 +115,6 @@ def random_quant_blocks(shape, qtype, rng: np.random.Generator) -> np.ndarray:
 
 def write_tiny_model(path: str | Path, spec: TinySpec | None = None, **overrides) -> Path:
     """Write a random-weight GGUF for `spec` (or `TinySpec(**overrides)`) and return its path."""
-    import gguf
-
     spec = spec or TinySpec(**overrides)
     path = Path(path)
     rng = np.random.default_rng(spec.seed)

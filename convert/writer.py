@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
 
 from leank.errors import LeankError
+from leank.runtime.gguf.reader import _SCALARS, ARRAY, BOOL, STRING, GGUFFile, dequantize
 from leank.runtime.outputs import TMP_MARK, atomic_write, check_output, remove_stale_temporaries, temporary_path  # noqa: F401
 
 CHUNK_BYTES = 16 << 20
@@ -37,7 +40,7 @@ class CopyStats:
 
 class MetadataRecords:
     """New metadata records, encoded as GGUF key/value bytes. Offers the `add_*` methods of
-    `gguf.GGUFWriter` that `leank.convert.schema.write_leank_metadata` uses."""
+    `gguf.GGUFWriter` that `leank.runtime.gguf.schema.write_leank_metadata` uses."""
 
     def __init__(self):
         self.records: list[tuple[str, bytes]] = []
@@ -48,8 +51,6 @@ class MetadataRecords:
         return struct.pack("<Q", len(b)) + b
 
     def _scalar(self, vtype: int, value) -> bytes:
-        from leank.runtime.gguf_file import _SCALARS, BOOL, STRING
-
         if vtype == STRING:
             return self._string(str(value))
         if vtype not in _SCALARS:
@@ -57,8 +58,6 @@ class MetadataRecords:
         return np.array([bool(value) if vtype == BOOL else value], dtype=_SCALARS[vtype]).tobytes()
 
     def add_key_value(self, key: str, value, vtype, sub_type=None) -> None:
-        from leank.runtime.gguf_file import ARRAY
-
         vtype = int(vtype)
         body = struct.pack("<I", vtype)
         if vtype == ARRAY:
@@ -115,7 +114,6 @@ def rewrite_gguf(src, dst: str | os.PathLike[str], *, force: bool = False,
         if out is None:
             plan.append((t, None, t.tensor_type, t.n_bytes))
         else:  # same logical shape, another type
-            from gguf.constants import GGML_QUANT_SIZES
 
             array, qtype = out
             block, type_size = GGML_QUANT_SIZES[qtype]
@@ -172,10 +170,6 @@ def _stream_bytes(fin, fout, offset: int, nbytes: int) -> None:
 def write_float32_copy(src_path, dst_path, force: bool = True) -> Path:
     """Re-export a GGUF with every quantized or half-precision tensor dequantized to F32
     (llama.cpp then computes in float32; used to compare leank with llama.cpp exactly)."""
-    import gguf
-
-    from leank.runtime.gguf_file import GGUFFile, dequantize
-
     src = GGUFFile(src_path)
 
     def to_f32(t, data):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from leank.kernels import quant, reference
+from leank.kernels import cpu, quant, reference
 
 _REFERENCE = SimpleNamespace(
     name="torch",
@@ -34,8 +34,6 @@ def ops_for(device: torch.device):
     device = torch.device(device)
     if device.type == "cpu":
         if "cpu" not in _cache:
-            from leank.kernels import cpu
-
             _cache["cpu"] = _REFERENCE if cpu.library() is None else SimpleNamespace(
                 **{**vars(_REFERENCE), "name": "C", "compressed_attention": cpu.compressed_attention})
         return _cache["cpu"]
@@ -53,7 +51,6 @@ def active_path(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "TileLang kernels (CUDA)" if tilelang_available() else "torch reference on CUDA (TileLang not installed)"
-    from leank.kernels import cpu
 
     if cpu.library() is not None:
         return "C kernels (CPU, compiled on first use)"

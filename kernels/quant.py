@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import torch
 
-PACKABLE_BITS = (2, 4, 8)
+# The bit widths a cache may use, K and V alike: 2, 4 and 8 are bit-packed codes, 16 means "not
+# quantized" (kept in the compute dtype). The one list: policies, the schema, the CLI and the C and
+# TileLang kernels check against it (tests/test_structure.py holds the C side to it).
+BITS = (2, 4, 8, 16)
+PACKABLE_BITS = tuple(b for b in BITS if b < 16)
 
 
 def codes_per_byte(bits: int) -> int:

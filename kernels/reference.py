@@ -1,6 +1,6 @@
 """Attention over the compressed cache layout, in torch: the CPU path and the GPU kernels' reference.
 
-Layout of one layer (see `leank.runtime.compressed` for how tokens get there):
+Layout of one layer (see `leank.runtime.cache.compressed` for how tokens get there):
 - full region: K and V (B, Hkv, F, D) in the compute dtype: the sink tokens, then the recent ones;
   the queries' own tokens are its last T entries (causal inside it);
 - middle region, per head group (KV heads that keep the same number c > 0 of K channels):
@@ -81,12 +81,15 @@ def full_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if T > 1:
         qpos = torch.arange(S - T, S, device=q.device)[:, None]
         scores = scores.masked_fill(torch.arange(S, device=q.device)[None, :] > qpos, float("-inf"))
+    vf = v.float()
     if key_lens is not None:
         invalid = torch.arange(S, device=q.device)[None, :] >= key_lens[:, None]  # (B, S)
         scores = scores.masked_fill(invalid[:, None, None, None, :], float("-inf"))
+        # keys past a sequence's length may be anything (a capacity buffer's spare rows): 0 * NaN is NaN
+        vf = vf.masked_fill(invalid[:, None, :, None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30))
-    o = torch.matmul(p.view(B, H, R * T, S), v.float()).view(B, H, R, T, D)
+    o = torch.matmul(p.view(B, H, R * T, S), vf).view(B, H, R, T, D)
     return o, lse
 
 
@@ -107,15 +110,17 @@ def middle_attention_lse(q: torch.Tensor, g: MiddleGroup, length: int, k_bits: i
         s1 = min(length, s0 + chunk)
         kc = dequant_middle_k(g, s0, s1, k_bits, group)
         scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, nh, Q, n)
+        vc = dequant_middle_v(g, s0, s1, v_bits, group, D)
         if lens is not None:
             invalid = torch.arange(s0, s1, device=q.device)[None, :] >= lens[:, None]
             scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
+            vc = vc.masked_fill(invalid[:, None, :, None], 0.0)  # spare rows may dequantize to NaN
         m_new = torch.maximum(m, scores.amax(-1))
         m_safe = m_new.clamp_min(-1e30)  # all -inf so far: keep exp() finite
         p = torch.exp(scores - m_safe.unsqueeze(-1))
         alpha = torch.exp(m - m_safe)
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, dequant_middle_v(g, s0, s1, v_bits, group, D))
+        acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vc)
         m = m_new
     o = acc / l.clamp_min(1e-30).unsqueeze(-1)
     lse = m + torch.log(l)  # -inf where nothing was attended
@@ -137,7 +142,8 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     """Attention of q (B, Hq, T, D) over one layer's compressed cache -> (B, Hq, T, D) in q's dtype.
 
     `full_lens`/`middle_lens` (B,) give per-sequence lengths for a batch of unequal sequences (T == 1);
-    without them every sequence holds `full_k.shape[2]` full and `middle_len` middle tokens.
+    without them every sequence holds `full_k.shape[2]` full and `middle_len` middle tokens. With them,
+    `full_k.shape[2]` and `middle_len` may be capacities: what lies past a sequence's length is never used.
     """
     B, Hq, T, D = q.shape
     Hkv = full_k.shape[1]

@@ -15,6 +15,7 @@ TileLang is imported only by this module and the `tl_*` modules it imports, only
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import os
 from types import SimpleNamespace
 
@@ -29,11 +30,15 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 # LEANK_TL_BLOCKS_PER_SM overrides it (for tuning).
 BLOCKS_PER_SM = 8
 FULL_BLOCK = 64  # tokens per tile in the full region
+# At most ceil(tiles / MIN_TILES) splits (`_splits`): at batch 1 / 32K on an H200, LeanK+KIVI-2 took
+# 0.0390 ms with one-tile splits, 0.0343 with 2, 0.0438 with 4 (LeanK fp16: 0.048-0.050 whatever the value).
+MIN_TILES = 2
 WAVE_FILL = 0.9  # least fill of a launch's last wave of blocks that `_splits` aims for
-# Wave-aware split counts (`_splits`) are off by default: on an H200 they took LeanK fp16 at batch 64 / 32K
-# from 1.32 to 1.23 ms but batch 1 from 0.083 to 0.097 ms (one-tile splits, twice the partials to merge);
-# see bench/KERNEL_NOTES.md. LEANK_TL_WAVES=1 turns them on.
-WAVES = False
+# Wave-aware split counts (`_splits`; LEANK_TL_WAVES=0 turns them off). Alone they took LeanK fp16 at batch
+# 1 / 32K from 0.083 to 0.097 ms (one-tile splits: twice the partials to merge); with the MIN_TILES floor
+# batch 1 is unchanged and batch 64 gains: LeanK fp16 1.385 -> 1.273 ms, LeanK+KIVI-4 1.291 -> 1.266 on an
+# H200 (2026-12-02, bench/KERNEL_NOTES.md).
+WAVES = True
 
 
 # Decode kernel tuning; see bench/KERNEL_NOTES.md for how these were chosen.
@@ -41,18 +46,25 @@ WAVES = False
 # stages, minimum resident blocks per SM: caps registers so that more blocks hide memory latency,
 # register prefetch of the next tile: 0/1; quantized: fast-unpacked K and V only).
 MIDDLE_TUNING = {False: (64, 128, 0, 4, 1), True: (128, 128, 0, 4, 1)}
+# Quantized heads that keep at least WIDE_K channels use WIDE_K_TILE-token tiles: on an H200 (2026-12-02,
+# 32K) KIVI-2 without a mask (c = 128) took 2.52 -> 2.28 ms at batch 64, 0.368 -> 0.330 at batch 8 and
+# 0.059 -> 0.053 at batch 1 with 64-token tiles, while the pruned heads (c = 32, 64) were 7-27 % slower.
+WIDE_K, WIDE_K_TILE = 128, 64
 FULL_MIN_BLOCKS = 4
 # KIVI codes unpack through the magic-number trick (no int -> float conversions; `tl_decode.middle_decode`'s
 # `fast`) where the configuration allows it. LEANK_TL_FAST=0 selects the first version's unpacking.
 FAST_UNPACK = True
 
 
-def middle_tuning(k_bits: int, v_bits: int, group: int) -> tuple:
-    """(tokens per tile, threads, stages, min blocks per SM, prefetch) of the middle kernel. Tiles hold
-    whole K scale rows (a multiple of the group size). LEANK_TL_MIDDLE / LEANK_TL_MIDDLE16="tile,threads,
-    stages,min_blocks[,prefetch]" override the quantized / unquantized entry (for tuning)."""
+def middle_tuning(k_bits: int, v_bits: int, group: int, n_channels: int = 0) -> tuple:
+    """(tokens per tile, threads, stages, min blocks per SM, prefetch) of the middle kernel for heads that
+    keep `n_channels` K channels. Tiles hold whole K scale rows (a multiple of the group size).
+    LEANK_TL_MIDDLE / LEANK_TL_MIDDLE16="tile,threads,stages,min_blocks[,prefetch]" override the quantized /
+    unquantized entry for every kept count (for tuning)."""
     quantized = min(k_bits, v_bits) < 16
     tile, threads, stages, min_blocks, prefetch = MIDDLE_TUNING[quantized]
+    if quantized and n_channels >= WIDE_K:
+        tile = WIDE_K_TILE
     env = os.environ.get("LEANK_TL_MIDDLE" if quantized else "LEANK_TL_MIDDLE16")
     if env:
         tile, threads, stages, min_blocks, prefetch = ([int(x) for x in env.split(",")] + [0])[:5]
@@ -142,8 +154,6 @@ def precompile(specs, workers: int | None = None) -> list:
     workers = min(workers or max(1, (os.cpu_count() or 2) - 2), len(specs))
     failed = []
     if workers > 1:
-        import multiprocessing as mp
-
         chunks = [specs[i::workers] for i in range(workers)]
         with mp.get_context("spawn").Pool(workers) as pool:
             failed = [f for part in pool.map(_compile_some, chunks) for f in part]
@@ -221,31 +231,35 @@ def _capacity_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def _splits(length: int, rows: int, block: int, sm_count: int, resident: int = 0) -> tuple[int, int]:
-    """(number of splits, tokens per split) for `length` tokens and `rows` (batch x heads) blocks.
+    """(number of splits, least tokens per split) for `length` tokens and `rows` (batch x heads) blocks.
 
-    With WAVES (LEANK_TL_WAVES=1) and `resident` blocks per SM (the kernel's min-blocks cap), the split
-    count may grow by up to half so that the last wave of blocks is at least WAVE_FILL full (blocks of a
-    launch take about equally long: 5 splits of 256 rows on 4 x 132 slots leave the third wave 42 % full,
-    6 fill it to 97 %)."""
+    The count aims at BLOCKS_PER_SM blocks per SM, but at most ceil(tiles / MIN_TILES) splits: at batch 1
+    the aim alone gave one-tile splits whose merge cost more than their parallelism gained. With WAVES
+    (LEANK_TL_WAVES=1) and `resident` blocks per SM (the kernel's min-blocks cap), the count may grow by
+    up to half so that the last wave of blocks is at least WAVE_FILL full (blocks of a launch take about
+    equally long: 5 splits of 256 rows on 4 x 132 slots leave the third wave 42 % full, 6 fill it to
+    97 %). The kernels cut each sequence's chunks from its own length and these two numbers
+    (`tl_decode._split_range`)."""
+    min_tiles = max(1, int(os.environ.get("LEANK_TL_MIN_TILES", MIN_TILES)))
     if length <= 0:
-        return 1, block
+        return 1, min_tiles * block
     per_sm = int(os.environ.get("LEANK_TL_BLOCKS_PER_SM", BLOCKS_PER_SM))
     tiles = math.ceil(length / block)
-    want = min(max(1, math.ceil(per_sm * sm_count / max(rows, 1))), tiles)
+    most = math.ceil(tiles / min_tiles)  # as the kernel's cap: ceil(n / (min_tiles * block))
+    want = min(max(1, math.ceil(per_sm * sm_count / max(rows, 1))), most)
 
-    def fit(n: int) -> tuple[int, int]:
-        chunk = math.ceil(math.ceil(length / n) / block) * block
-        return math.ceil(length / chunk), chunk
+    def used(n: int) -> int:  # non-empty splits of n, as the kernel cuts them
+        return math.ceil(length / (math.ceil(math.ceil(length / n) / block) * block))
 
-    n, chunk = fit(want)
+    n = used(want)
     if resident > 0 and os.environ.get("LEANK_TL_WAVES", "1" if WAVES else "0") != "0":
         slots = resident * sm_count
-        for cand in range(want, min(tiles, math.ceil(1.5 * want)) + 1):
-            nc, cc = fit(cand)
+        for cand in range(want, min(most, math.ceil(1.5 * want)) + 1):
+            nc = used(cand)
             if rows * nc >= WAVE_FILL * math.ceil(rows * nc / slots) * slots:
-                n, chunk = nc, cc
+                n = nc
                 break
-    return n, chunk
+    return n, min_tiles * block
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor | None:
@@ -275,7 +289,13 @@ def decode_supported(q, full_k, groups, k_bits, v_bits, group) -> bool:
 def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, groups: list, middle_len: int,
                          k_bits: int, v_bits: int, group: int, scale: float | None = None,
                          full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """As `leank.kernels.reference.compressed_attention`; decode (T == 1) runs on TileLang kernels."""
+    """As `leank.kernels.reference.compressed_attention`; decode (T == 1) runs on TileLang kernels.
+
+    Inside a CUDA graph (one capture replayed at every length): pass the full region's capacity buffers
+    as `full_k`/`full_v`, the middle capacity as `middle_len`, and the lengths as device tensors
+    `full_lens`/`middle_lens` (updated in place between replays). Everything decided on the host (split
+    counts, workspace shapes, kernel choice) then depends on shapes and capacities only; the kernels read
+    each sequence's lengths and cut its chunks themselves (`tl_decode._split_range`)."""
     if not decode_supported(q, full_k, groups, k_bits, v_bits, group):
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
@@ -294,35 +314,34 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
     f_lens = full_lens.to(device=dev, dtype=torch.int32).contiguous() if full_lens is not None else lens_dummy
     m_lens = middle_lens.to(device=dev, dtype=torch.int32).contiguous() if middle_lens is not None else lens_dummy
 
-    n_full, chunk_full = _splits(F, B * Hkv, FULL_BLOCK, sms, full_min_blocks())
+    n_full, min_full = _splits(F, B * Hkv, FULL_BLOCK, sms, full_min_blocks())
     mid = []
     if middle_len > 0:
-        tuning = middle_tuning(k_bits, v_bits, group)
-        bm = tuning[0]
         for g in groups:
-            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], bm, sms, tuning[3])))
-    n_mid = max((n for _, n, _ in mid), default=0)
+            tuning = middle_tuning(k_bits, v_bits, group, g.channels.shape[1])
+            mid.append((g, *_splits(middle_len, B * g.heads.shape[0], tuning[0], sms, tuning[3]), tuning))
+    n_mid = max((m[1] for m in mid), default=0)
     S = n_full + n_mid
     o_part = _empty((B, Hq, S, D), torch.float32, dev)
     lse_part = _empty((B, Hq, S), torch.float32, dev)
     out = _empty((B, Hq, D), q.dtype, dev)
 
     kernel(("full", D, R, dt, full_lens is not None, FULL_BLOCK, 128, full_min_blocks()))(
-        qf, fk, fv, f_lens, o_part, lse_part, F, chunk_full, n_full, sl2)
+        qf, fk, fv, f_lens, o_part, lse_part, F, n_full, min_full, sl2)
     f16_dummy = _dummy(dev, torch.float16)
-    fast = fast_unpack() and tuning[2] == 0 if mid else False
-    for g, n, chunk in mid:
+    for g, n, min_chunk, tuning in mid:
         c = g.channels.shape[1]
         ks, km = (g.k_scale, g.k_min) if k_bits < 16 else (f16_dummy, f16_dummy)
         vs, vm = (g.v_scale, g.v_min) if v_bits < 16 else (f16_dummy, f16_dummy)
+        fast = fast_unpack() and tuning[2] == 0
         kf, vf = _fast_codes(D, c, k_bits, v_bits, group, dt) if fast else (False, False)
         gk, gv = _words(g.k) if kf else g.k, _words(g.v) if vf else g.v  # fast unpack: 32-bit words
         use_fast = fast and gk is not None and gv is not None
         if not use_fast:
             gk, gv = g.k, g.v
         spec = ("middle", D, R, dt, c, k_bits, v_bits, group, middle_lens is not None, *tuning, use_fast)
-        kernel(spec)(qf, g.heads, g.channels, gk, ks, km, gv, vs, vm, m_lens, o_part, lse_part,
-                     middle_len, chunk, n, n_full, sl2)
+        kernel(spec)(qf, g.heads, g.channels, gk, ks, km, gv, vs, vm, m_lens, o_part, lse_part, middle_len, n,
+                     min_chunk, n_full, sl2)
     kernel(("combine", D, dt))(o_part, lse_part, out)
     return out.view(B, Hq, 1, D)
 
@@ -333,8 +352,8 @@ def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bit
     dt = _DTYPES[dtype]
     specs = [("full", head_dim, gqa, dt, per_sequence_lengths, FULL_BLOCK, 128, full_min_blocks()),
              ("combine", head_dim, dt)]
-    tuning = middle_tuning(k_bits, v_bits, group)
     for c in sorted(set(int(c) for c in kept_counts if c > 0)):
+        tuning = middle_tuning(k_bits, v_bits, group, c)
         specs.append(("middle", head_dim, gqa, dt, c, k_bits, v_bits, group, per_sequence_lengths, *tuning,
                       fast_unpack() and tuning[2] == 0))
     return specs

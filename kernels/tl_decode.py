@@ -1,7 +1,8 @@
 """TileLang decode attention (one query token) over the compressed cache: split-KV flash-decoding.
 
 Three kernels, all with symbolic batch, lengths, capacities and split counts (one compilation per
-configuration, never per length):
+configuration, never per length). Per-sequence lengths are read from device memory and each split's
+token range is cut in the kernel (`_split_range`), so one captured CUDA graph replays at every length:
 - `full_decode`: the full-precision region (B, Hkv, cap, D) of every KV head, split along tokens;
   block (split 0, head h) also marks every middle split slot of h empty (lse -inf), so that heads
   without a middle group, and groups with fewer splits, leave nothing for `combine` to read;
@@ -143,11 +144,13 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
         o_part: T.Tensor((B, HQ, S, D), ACCUM),
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
-        chunk: T.int32,
         n_splits: T.int32,
+        min_chunk: T.int32,
         scale_log2: T.float32,
     ):
-        with T.Kernel(n_splits, HKV, B, threads=threads) as (sid, h, b):
+        # splits vary slowest: a sequence shorter than the plan leaves its last splits empty, and those
+        # then come last in the launch instead of taking slots in every wave (`_split_range`)
+        with T.Kernel(HKV, B, n_splits, threads=threads) as (h, b, sid):
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             q_s = T.alloc_shared((BH, D), dtype)
@@ -167,9 +170,7 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start = sid * chunk
-            end = T.min(start + chunk, n)
-            n_blocks = T.ceildiv(T.max(end - start, 0), BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, min_chunk, BN)
 
             for r, d in T.Parallel(BH, D):
                 q_s[r, d] = T.if_then_else(r < R, q[b, h * R + T.min(r, R - 1), d], T.cast(0, dtype))
@@ -275,12 +276,12 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
         o_part: T.Tensor((B, HQ, S, D), ACCUM),
         lse_part: T.Tensor((B, HQ, S), ACCUM),
         length: T.int32,
-        chunk: T.int32,
         n_splits: T.int32,
+        min_chunk: T.int32,
         split_offset: T.int32,
         scale_log2: T.float32,
     ):
-        with T.Kernel(n_splits, NH, B, threads=threads) as (sid, hi, b):
+        with T.Kernel(NH, B, n_splits, threads=threads) as (hi, b, sid):  # splits slowest, as in full_decode
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
             if k_fast or v_fast:
@@ -334,9 +335,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                 n = T.min(lens[b], length)
             else:
                 n = length
-            start = sid * chunk
-            end = T.min(start + chunk, n)
-            n_blocks = T.ceildiv(T.max(end - start, 0), BN)
+            start, end, n_blocks = _split_range(n, sid, n_splits, min_chunk, BN)
 
             for r, j in T.Parallel(BH, CP):
                 q_s[r, j] = T.if_then_else(
@@ -347,25 +346,30 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(ACCUM))
-            if pf:  # tile 0 (addresses are clamped: harmless when there is no tile)
-                for t, w in T.Parallel(BN, KWW):
-                    if KWW == KW:
-                        kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
-                    else:
-                        kc_r[t, w] = T.if_then_else(w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
-                for g, j in T.Parallel(BG, CP):
-                    ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
-                    km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
-                for t, w in T.Parallel(BN, VW):
-                    vc_r[t, w] = v[b, hi, T.min(start + t, CAPV - 1), w]
-                for t, g in T.Parallel(BN, VG):
-                    vs_r[t, g] = v_scale[b, hi, T.min(start + t, CAPVS - 1), g]
-                    vm_r[t, g] = v_min[b, hi, T.min(start + t, CAPVS - 1), g]
-            if pf16:
-                for t, j in T.Parallel(BN, CP):
-                    k_r[t, j] = k[b, hi, T.min(start + t, CAPK - 1), T.min(j, C - 1)]
-                for t, d in T.Parallel(BN, D):
-                    v_r[t, d] = v[b, hi, T.min(start + t, CAPV - 1), d]
+            # tile 0, loaded only where the split has a tile: in a CUDA graph planned for a capacity, a short
+            # sequence leaves many splits empty (addresses are clamped in any case)
+            if pf or pf16:
+                if n_blocks > 0:
+                    if pf:
+                        for t, w in T.Parallel(BN, KWW):
+                            if KWW == KW:
+                                kc_r[t, w] = k[b, hi, T.min(start + t, CAPK - 1), w]
+                            else:
+                                kc_r[t, w] = T.if_then_else(
+                                    w < KW, k[b, hi, T.min(start + t, CAPK - 1), T.min(w, KW - 1)], 0)
+                        for g, j in T.Parallel(BG, CP):
+                            ks_r[g, j] = k_scale[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                            km_r[g, j] = k_min[b, hi, T.min(start // G + g, CAPKS - 1), T.min(kch(j), C - 1)]
+                        for t, w in T.Parallel(BN, VW):
+                            vc_r[t, w] = v[b, hi, T.min(start + t, CAPV - 1), w]
+                        for t, g in T.Parallel(BN, VG):
+                            vs_r[t, g] = v_scale[b, hi, T.min(start + t, CAPVS - 1), g]
+                            vm_r[t, g] = v_min[b, hi, T.min(start + t, CAPVS - 1), g]
+                    if pf16:
+                        for t, j in T.Parallel(BN, CP):
+                            k_r[t, j] = k[b, hi, T.min(start + t, CAPK - 1), T.min(j, C - 1)]
+                        for t, d in T.Parallel(BN, D):
+                            v_r[t, d] = v[b, hi, T.min(start + t, CAPV - 1), d]
             for kb in T.Pipelined(n_blocks, num_stages=stages):
                 t0 = start + kb * BN
                 if pf16:  # this tile: registers -> shared memory (rows past the end and padding: 0), then the next
@@ -521,6 +525,23 @@ def fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group: 
     return k_fast, v_fast
 
 
+def _split_range(n, sid, n_splits, min_chunk, block_n: int):
+    """(start, end, tiles) of split `sid` of `n` valid tokens cut into at most `n_splits` and at most
+    ceil(n / min_chunk) chunks of whole tiles (`min_chunk`: a multiple of the tile).
+
+    The cut comes from the sequence's own length, in the kernel, not from the host: the split count is
+    the only host-side plan (fixed by the capacity when a CUDA graph is captured), so one graph replays at
+    every length with balanced splits; a short sequence uses fewer splits (the others are empty and cost
+    the merge nothing but a skipped slot), and with per-sequence lengths each sequence gets its own cut.
+    With n_splits and min_chunk from `tilelang_ops._splits` this is the host's own plan: the same count of
+    non-empty splits, chunks of ceil(n / splits) rounded up to whole tiles, covering n."""
+    used = T.max(T.min(n_splits, T.ceildiv(n, min_chunk)), 1)
+    chunk = T.ceildiv(T.ceildiv(n, used), block_n) * block_n
+    start = sid * chunk
+    end = T.min(start + chunk, n)
+    return start, end, T.ceildiv(T.max(end - start, 0), block_n)
+
+
 @T.macro
 def _softmax_step(acc_s, acc_o, m, m_prev, alpha, row_sum, l, p_s, t0, end, scale_log2, BH, BN, D):
     """Online softmax over one tile of scores (log2 units); leaves the tile's probabilities in p_s.
@@ -552,10 +573,20 @@ def _write_split(acc_o, l, m, o_part, lse_part, b, h, slot, R, BH, D):
             lse_part[b, h * R + r, slot] = T.if_then_else(l[r] > 0, T.log2(l[r]) + m[r], -T.infinity(ACCUM))
 
 
-def combine(head_dim: int, dtype: str, threads: int | None = None):
-    """out[b, h] = sum over splits of o_part * 2^(lse - lse_total); 0 where no split saw a token."""
-    D = head_dim
-    threads = threads or min(128, D)
+def combine(head_dim: int, dtype: str, threads: int = 256, unroll: int = 4):
+    """out[b, h] = sum over splits of o_part * 2^(lse - lse_total); 0 where no split saw a token.
+
+    The splits are spread over the threads: first the largest lse (each thread a strided share, then a
+    tree in shared memory), then the weighted sum, where each row of D / 4 threads takes every
+    (threads / (D / 4))-th split, four channels a thread, `unroll` splits' loads issued before they are
+    used; the rows' sums meet in shared memory. The first version had each thread walk every split twice,
+    one dependent load after another: at batch 1, 32K (~270 splits) this one took LeanK+KIVI-2 from 0.058
+    to 0.038 ms on an H200 (bench/KERNEL_NOTES.md)."""
+    D, VEC, U = head_dim, 4, unroll
+    LANES = D // VEC
+    ROWS = threads // LANES
+    assert D % VEC == 0 and threads % LANES == 0 and ROWS >= 1 and threads & (threads - 1) == 0
+    STEPS = tuple(threads >> k for k in range(1, threads.bit_length()))  # tree of the max: 128, 64, ..., 1
     B, HQ, S = T.dynamic("B, HQ, S")
 
     @T.prim_func
@@ -565,24 +596,54 @@ def combine(head_dim: int, dtype: str, threads: int | None = None):
         out: T.Tensor((B, HQ, D), dtype),
     ):
         with T.Kernel(HQ, B, threads=threads) as (h, b):
-            acc = T.alloc_fragment((D,), ACCUM)
-            lse_max = T.alloc_var(ACCUM)
+            tx = T.get_thread_binding()
+            red = T.alloc_shared((threads,), ACCUM)
+            part = T.alloc_shared((ROWS, D), ACCUM)
+            tot = T.alloc_shared((ROWS,), ACCUM)
+            acc = T.alloc_local((VEC,), ACCUM)
+            ov = T.alloc_local((U * VEC,), ACCUM)
+            lw = T.alloc_local((U,), ACCUM)
+            mx = T.alloc_var(ACCUM)
             total = T.alloc_var(ACCUM)
-            w = T.alloc_var(ACCUM)
-            lse_max = -T.infinity(ACCUM)
-            for s in T.serial(S):
-                lse_max = T.max(lse_max, lse_part[b, h, s])
+            mx = -T.infinity(ACCUM)
+            for i in T.serial(T.ceildiv(S, threads)):
+                if i * threads + tx < S:
+                    mx = T.max(mx, lse_part[b, h, i * threads + tx])
+            red[tx] = mx
+            T.sync_threads()
+            for step in STEPS:
+                if tx < step:
+                    red[tx] = T.max(red[tx], red[tx + step])
+                T.sync_threads()
+            mx = red[0]  # -inf when no split saw a token: every weight below is NaN then, and skipped
             total = 0
-            T.clear(acc)
-            for s in T.serial(S):
-                w = T.if_then_else(lse_part[b, h, s] > -T.infinity(ACCUM), T.exp2(lse_part[b, h, s] - lse_max),
-                                   T.cast(0, ACCUM))
-                total = total + w
-                for d in T.Parallel(D):
-                    acc[d] = acc[d] + T.if_then_else(w > 0, w * o_part[b, h, s, d], T.cast(0, ACCUM))
-            for d in T.Parallel(D):
-                out[b, h, d] = T.if_then_else(total > 0, T.cast(acc[d] / total, dtype), T.cast(0, dtype))
+            for e in T.serial(VEC):
+                acc[e] = 0
+            r = tx // LANES
+            c = tx % LANES
+            for i in T.serial(T.ceildiv(S, ROWS * U)):
+                for u in T.unroll(U):
+                    lw[u] = lse_part[b, h, T.min((i * U + u) * ROWS + r, S - 1)]
+                    for e in T.vectorized(VEC):
+                        ov[u * VEC + e] = o_part[b, h, T.min((i * U + u) * ROWS + r, S - 1), c * VEC + e]
+                for u in T.unroll(U):
+                    # empty splits (lse -inf: weight 0) may hold anything in o_part: never multiplied
+                    lw[u] = T.if_then_else((i * U + u) * ROWS + r < S, T.exp2(lw[u] - mx), T.cast(0, ACCUM))
+                    if lw[u] > 0:
+                        total = total + lw[u]
+                        for e in T.unroll(VEC):
+                            acc[e] = acc[e] + lw[u] * ov[u * VEC + e]
+            for e in T.vectorized(VEC):
+                part[r, c * VEC + e] = acc[e]
+            if c == 0:
+                tot[r] = total
+            T.sync_threads()
+            if tx < D:
+                mx = 0
+                total = 0
+                for j in T.unroll(ROWS):
+                    mx = mx + part[j, tx]
+                    total = total + tot[j]
+                out[b, h, tx] = T.if_then_else(total > 0, T.cast(mx / total, dtype), T.cast(0, dtype))
 
     return kernel
-
-

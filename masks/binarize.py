@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import ALIGNMENTS, Mask, Provenance
+from leank.runtime import defaults
+from leank.runtime.cache.mask import ALIGNMENTS, Mask, Provenance
 
 
 def check_binarize_args(shape: tuple[int, ...], ratio: float, align: int) -> None:
@@ -50,13 +51,13 @@ def aligned_counts(scores: torch.Tensor, ratio: float, align: int) -> torch.Tens
     return torch.div(counts + align // 2, align, rounding_mode="floor") * align
 
 
-def binarize_scores(scores: torch.Tensor, ratio: float, align: int = 32) -> torch.Tensor:
+def binarize_scores(scores: torch.Tensor, ratio: float, align: int = defaults.ALIGN) -> torch.Tensor:
     """Bool mask of `scores`' shape (layers, kv_heads, head_dim), on its device, pruning `ratio`."""
     counts = aligned_counts(scores, ratio, align)
     return _descending_ranks(scores.detach().float()) < counts[..., None]
 
 
-def straight_through_mask(scores: torch.Tensor, ratio: float, align: int = 32) -> torch.Tensor:
+def straight_through_mask(scores: torch.Tensor, ratio: float, align: int = defaults.ALIGN) -> torch.Tensor:
     """The binary mask as floats whose gradient flows to `scores` unchanged (straight-through estimator).
 
     Forward: exactly `binarize_scores(...)` as 0.0/1.0 in `scores`' dtype. Backward: identity.
@@ -65,7 +66,7 @@ def straight_through_mask(scores: torch.Tensor, ratio: float, align: int = 32) -
     return hard + (scores - scores.detach())
 
 
-def binarize(scores: torch.Tensor, ratio: float, align: int = 32, method: str = "scores", source: str = "",
+def binarize(scores: torch.Tensor, ratio: float, align: int = defaults.ALIGN, method: str = "scores", source: str = "",
              steps: int | None = None, **extra) -> Mask:
     """`binarize_scores` wrapped as a `Mask` whose provenance records how it was made."""
     if scores.dim() != 3:

@@ -16,6 +16,7 @@ around a dense cache, one sequence at a time: memory stays that of one prefill.
 """
 from __future__ import annotations
 
+import ast
 import random
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +24,12 @@ from typing import Callable, Sequence
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask
-from leank.runtime.cache import CacheBytes, DenseCache, KVCache
+from leank.masks.binarize import binarize
+from leank.runtime import defaults
+from leank.runtime.cache.base import CacheBytes, KVCache
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.mask import Mask
+from leank.runtime.engine import load
 
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 1024
@@ -69,8 +74,6 @@ def _faker_documents(rng: random.Random, n: int) -> list[str]:
 
 def _own_documents() -> list[str]:
     """Paragraphs of English from leank's own docs and docstrings (the fallback without faker)."""
-    import ast
-
     root = Path(__file__).resolve().parents[1]
     docs = []
     for path in sorted(root.rglob("*.md")) + sorted(root.rglob("*.py")):
@@ -194,7 +197,7 @@ def channel_scores(model, sequences: Sequence[Sequence[int]],
     return stats.scores()
 
 
-def calibration_mask(model, ratio: float, align: int = 16, n_tokens: int = DEFAULT_TOKENS,
+def calibration_mask(model, ratio: float, align: int = defaults.ALIGN, n_tokens: int = DEFAULT_TOKENS,
                      seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> Mask:
     """A mask pruning `ratio` of `model`'s K channels by calibrated |q|*|k| importance (see module doc).
@@ -202,11 +205,7 @@ def calibration_mask(model, ratio: float, align: int = 16, n_tokens: int = DEFAU
     `model` is a loaded `leank.Model`; anything else with a `.path` (e.g. a header) is loaded first, on
     the GPU when there is one (calibration runs the whole model: it needs the memory of `leank.load`).
     """
-    from leank.masks.binarize import binarize
-
     if not hasattr(model, "transformer"):
-        from leank.runtime.engine import load
-
         model = load(model.path, device="auto")
     if n_tokens < 2 * SKIP_POSITIONS:
         raise LeankError(f"calibration needs at least {2 * SKIP_POSITIONS} tokens, got {n_tokens}")

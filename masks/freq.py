@@ -11,8 +11,9 @@ import math
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import ALIGNMENTS, Mask, Provenance
-from leank.runtime.rope import inverse_frequencies, rope_mode
+from leank.runtime import defaults
+from leank.runtime.cache.mask import ALIGNMENTS, Mask, Provenance
+from leank.runtime.model.rope import inverse_frequencies, rope_mode
 
 
 def kept_per_head(head_dim: int, ratio: float, align: int) -> int:
@@ -27,7 +28,7 @@ def kept_per_head(head_dim: int, ratio: float, align: int) -> int:
     return int(math.floor((1.0 - ratio) * head_dim / align + 0.5)) * align
 
 
-def frequency_mask(args, ratio: float, align: int = 16) -> Mask:
+def frequency_mask(args, ratio: float, align: int = defaults.ALIGN) -> Mask:
     """Every head keeps the same lowest-frequency channels, `ratio` of them pruned (aligned)."""
     d = args.head_dim
     keep = kept_per_head(d, ratio, align)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask
+from leank.runtime.cache.mask import Mask
 from leank.runtime.outputs import write_bytes
 
 KEPT = (250, 190, 50)

@@ -10,31 +10,24 @@ which refuses anything but tensors and plain containers; sizes are capped before
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask, Provenance
+from leank.masks.binarize import binarize
+from leank.runtime.cache.mask import Mask, Provenance
+from leank.runtime.model.rope import hf_to_gguf_permutation
 
 MAX_IMPORT_BYTES = 64 << 20  # a 128-layer, 64-KV-head, 256-dim float32 mask is 8 MiB; refuse far beyond
 MAX_MASK_ELEMENTS = 1 << 24  # a tensor's claimed size can exceed its storage (zero strides): cap it too
 
 
-def _supported_arch(arch: str) -> str:
-    from leank.runtime.config import SUPPORTED_ARCHITECTURES
-
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise LeankError(f"architecture {arch!r} has no known channel order; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch
-
-
 def hf_to_gguf_order(x: torch.Tensor, arch: str) -> torch.Tensor:
     """`x` (..., head_dim) with its last dimension moved from Hugging Face order to `arch`'s GGUF order."""
-    from leank.runtime.rope import hf_to_gguf_permutation
-
-    return x[..., hf_to_gguf_permutation(_supported_arch(arch), x.shape[-1])]
+    return x[..., hf_to_gguf_permutation(arch, x.shape[-1])]
 
 
 def _check_file(path: Path, what: str) -> Path:
@@ -50,8 +43,6 @@ def _check_file(path: Path, what: str) -> Path:
 
 def _check_zip_expansion(path: Path) -> None:
     """A torch zip file's members may be deflated: cap what they expand to, before torch allocates it."""
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return  # the legacy format stores tensors raw: the file size caps them
     try:
@@ -137,8 +128,6 @@ def import_stage1_tsv(path: str | Path, n_kv_heads: int, head_dim: int, ratio: f
                       arch: str | None) -> Mask:
     """Binarize LeanK stage-1 scaling factors (see `leank.masks.binarize`) into a `Mask` in `arch`'s GGUF
     order (the file's own order when `arch` is None)."""
-    from leank.masks.binarize import binarize
-
     scores = read_stage1_tsv(path, n_kv_heads, head_dim)
     extra = {"channel_order": "hf"} if arch is None else {"arch": arch}
     if arch is not None:

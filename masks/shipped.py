@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leank.masks.mask import Mask
+from leank.runtime import defaults
+from leank.runtime.cache.mask import Mask
+from leank.runtime.gguf.schema import k_fingerprint
 
 DATA = Path(__file__).parent / "data"
 
@@ -16,7 +18,6 @@ def shipped_masks(model) -> list[Mask]:
     """Every shipped mask made for this exact model (same K projections)."""
     if not DATA.is_dir():
         return []
-    from leank.convert.schema import k_fingerprint
 
     found, fingerprint = [], None
     for path in sorted(DATA.glob("*.safetensors")):
@@ -31,8 +32,6 @@ def shipped_masks(model) -> list[Mask]:
 
 def shipped_mask(model, ratio: float | None = None) -> Mask | None:
     """The shipped mask for this model whose pruning ratio is closest to `ratio` (default 0.7), or None."""
-    from leank.runtime.policy import DEFAULT_RATIO
-
-    target = DEFAULT_RATIO if ratio is None else ratio
+    target = defaults.RATIO if ratio is None else ratio
     masks = shipped_masks(model)
     return min(masks, key=lambda m: abs((m.provenance.ratio or 0.0) - target)) if masks else None

@@ -16,11 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask
-from leank.runtime.rope import rope_mode
+from leank.masks.calib import DEFAULT_TOKENS, calibration_mask
+from leank.masks.freq import frequency_mask
+from leank.masks.importers import import_leank_pth, import_stage1_tsv
+from leank.runtime import defaults
+from leank.runtime.arch.args import read_model_args
+from leank.runtime.cache.mask import Mask
+from leank.runtime.engine import open_header
+from leank.runtime.gguf.reader import GGUFFile
+from leank.runtime.gguf.schema import read_leank_metadata
+from leank.runtime.model.rope import rope_mode
 
-DEFAULT_ALIGN = 16
-DEFAULT_RATIO = 0.7  # LeanK's pruning ratio
 KINDS_HELP = "ones, freq:RATIO, calib:RATIO, a mask file (.safetensors), a LeanK .pth or stage-1 .tsv, or a converted .gguf"
 
 
@@ -43,7 +49,7 @@ def _count(text: str, spec: str) -> int:
 def split_tsv_spec(spec: str) -> tuple[Path, float] | None:
     """`FILE.tsv` or `FILE.tsv:RATIO` -> (path, ratio); None for anything else."""
     if spec.lower().endswith(".tsv"):
-        return Path(spec), DEFAULT_RATIO
+        return Path(spec), defaults.RATIO
     head, sep, tail = spec.rpartition(":")
     if sep and head.lower().endswith(".tsv"):
         return Path(head), _ratio(tail, spec)
@@ -60,10 +66,6 @@ def is_gguf(path: Path) -> bool:
 
 def embedded_mask(path: str | Path) -> Mask:
     """The mask a converted GGUF embeds (its fingerprint checked); an error when it has none."""
-    from leank.convert.schema import read_leank_metadata
-    from leank.runtime.config import read_model_args
-    from leank.runtime.gguf_file import GGUFFile
-
     f = GGUFFile(path)
     meta = read_leank_metadata(f, read_model_args(f))
     if meta is None or meta.mask is None:
@@ -74,40 +76,27 @@ def embedded_mask(path: str | Path) -> Mask:
 def resolve_mask(spec: str, model, align: int | None = None, *, progress=None) -> Mask:
     """The mask `spec` names, checked against `model`'s shape and architecture.
 
-    `model` is a `leank.Model` or a header (`leank.runtime.inspect.open_header`); `calib:` loads the
+    `model` is a `leank.Model` or a header (`leank.runtime.engine.open_header`); `calib:` loads the
     weights of a header's file. `progress(done, total)` reports calibration tokens.
     """
     args = model.args
-    align = align or DEFAULT_ALIGN
+    align = align or defaults.ALIGN
     tsv = split_tsv_spec(spec)
     if spec == "ones":
         mask = Mask.ones(args.n_layers, args.n_kv_heads, args.head_dim)
     elif spec.startswith("freq:"):
-        from leank.masks.freq import frequency_mask
-
         mask = frequency_mask(args, _ratio(spec[5:], spec), align)
     elif spec.startswith("calib:"):
-        from leank.masks.calib import DEFAULT_TOKENS, calibration_mask
-
         ratio, _, tokens = spec[6:].partition(":")
         n_tokens = _count(tokens, spec) if tokens else DEFAULT_TOKENS
         mask = calibration_mask(model, _ratio(ratio, spec), align, n_tokens=n_tokens, progress=progress)
     elif tsv is not None:
-        from leank.masks.importers import import_stage1_tsv
-
         mask = import_stage1_tsv(tsv[0], args.n_kv_heads, args.head_dim, tsv[1], align, args.arch)
     else:
         path = Path(spec)
         if not path.exists():
             raise LeankError(f"mask {spec!r}: no such file; a SPEC is {KINDS_HELP}")
-        if path.suffix.lower() in (".pth", ".pt"):
-            from leank.masks.importers import import_leank_pth
-
-            mask = import_leank_pth(path, args.arch)
-        elif is_gguf(path):
-            mask = embedded_mask(path)
-        else:
-            mask = Mask.load(path)
+        mask = load_mask_file(path, args.arch)
     made_for = mask.provenance.extra.get("arch")
     if made_for is not None and rope_mode(str(made_for)) != rope_mode(args.arch):
         raise LeankError(f"mask {spec!r} is in the channel order of a {made_for} model ({rope_mode(str(made_for))} RoPE); "
@@ -122,8 +111,6 @@ def read_mask_source(source: str, arch: str | None = None, model=None, align: in
     own order (its provenance then says `channel_order: hf`)."""
     if model is not None:
         if not hasattr(model, "args"):
-            from leank.runtime.inspect import open_header
-
             model = open_header(model)
         if arch is not None and rope_mode(arch) != rope_mode(model.args.arch):
             raise LeankError(f"--arch {arch} contradicts the model, which is {model.args.arch}")
@@ -133,9 +120,13 @@ def read_mask_source(source: str, arch: str | None = None, model=None, align: in
         raise LeankError(f"{source!r}: needs --model to know the model's heads and channels")
     if not path.exists():
         raise LeankError(f"{source}: no such file")
-    if path.suffix.lower() in (".pth", ".pt"):
-        from leank.masks.importers import import_leank_pth
+    return load_mask_file(path, arch)
 
+
+def load_mask_file(path: Path, arch: str | None) -> Mask:
+    """A mask file of any kind: a LeanK .pth (put into `arch`'s GGUF order; its own order without
+    `arch`), a converted GGUF's embedded mask, or a native mask file."""
+    if path.suffix.lower() in (".pth", ".pt"):
         return import_leank_pth(path, arch)
     if is_gguf(path):
         return embedded_mask(path)

@@ -21,15 +21,19 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from leank.errors import LeankError
 from leank.masks.binarize import binarize_scores, check_binarize_args, straight_through_mask
-from leank.masks.mask import Mask, Provenance
-from leank.runtime.cache import DenseCache
+from leank.masks.tasks import make_sample
+from leank.runtime import defaults
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.mask import Mask, Provenance
+from leank.runtime.gguf.schema import k_fingerprint
+from leank.runtime.model.linear import Linear
 from leank.runtime.outputs import atomic_write
 
 TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alternation
@@ -38,7 +42,7 @@ TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alte
 @dataclass
 class TrainConfig:
     ratio: float = 0.7  # fraction of K channels pruned
-    align: int = 16
+    align: int = defaults.ALIGN
     steps: int = 1000  # per stage
     stages: tuple[int, ...] = (1, 2)
     lr: float | None = None  # stage 1; stage 2 uses half. Default: 0.02 for llama, 0.04 for qwen (LeanK)
@@ -73,8 +77,6 @@ class Example:
 
 def generated_examples(model, config: TrainConfig) -> Callable[[int], Example]:
     """Example `i` of the training split: tasks alternate, lengths and depths drawn from (seed, i)."""
-    from leank.runtime.tasks import make_sample
-
     def example(i: int) -> Example:
         rng = random.Random(config.seed * 1_000_003 + i)
         length = rng.randint(config.min_tokens, config.max_tokens)
@@ -204,7 +206,6 @@ def train_mask(model, config: TrainConfig, examples: Callable[[int], Example] | 
         raise LeankError("stages must be 1, 2 or both")
     if config.steps < 1:
         raise LeankError("steps must be at least 1")
-    from leank.runtime.linear import Linear
 
     if type(model.transformer.output) is not Linear:  # float16-packed or quantized: no gradients through it
         raise LeankError("training needs gradients through the model: load it with weights='float32' (CPU)")
@@ -260,7 +261,6 @@ def train_mask(model, config: TrainConfig, examples: Callable[[int], Example] | 
                                 config, model)
         state = None
     kept = binarize_scores(alpha.detach().cpu(), config.ratio, config.align)
-    from leank.convert.schema import k_fingerprint
 
     prov = Provenance("learned", ratio=config.ratio, align=config.align, source=model.path.name,
                       steps=config.steps * len(config.stages),

@@ -1,9 +1,10 @@
 """`leank.load()` and the `Model` it returns: weights, tokenizer, chat template and cache policy, all
-from one GGUF file."""
+from one GGUF file; `open_header()` for what can be known without the weights."""
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -12,12 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from leank.errors import LeankError
-from leank.runtime.cache import DenseCache, KVCache
-from leank.runtime.config import ModelArgs, read_model_args
+from leank.runtime import defaults
+from leank.runtime.arch.args import ModelArgs, read_model_args
+from leank.runtime.cache.base import KVCache
+from leank.runtime.cache.compressed import CompressedCache
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.policy import CachePolicy
+from leank.runtime.decode import Decode
 from leank.runtime.generate import SamplingParams, Step, stream_tokens
-from leank.runtime.gguf_file import GGUFFile
-from leank.runtime.model import Transformer, load_transformer, weight_tensor_names
-from leank.runtime.tokenizer import ChatTemplate, Tokenizer, default_model_path
+from leank.runtime.gguf.reader import GGUFFile
+from leank.runtime.gguf.schema import policy_from_file
+from leank.runtime.model.transformer import Transformer, load_transformer, weight_tensor_names
+from leank.runtime.text.template import ChatTemplate
+from leank.runtime.text.tokenizer import Tokenizer
 
 # Positions scored per forward pass when a perplexity run exceeds it (bounds the logits' memory).
 LOGITS_CHUNK = 512
@@ -53,7 +61,6 @@ class Model:
         self.path, self.file, self.args = path, file, args
         self.transformer = transformer
         self.policy = policy
-        self.last_stats = None
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -106,8 +113,6 @@ class Model:
         if policy is None or policy.is_dense:
             return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,
                               capacity=capacity)
-        from leank.runtime.compressed import CompressedCache
-
         return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype)
 
     # --- scoring ------------------------------------------------------------------------------------
@@ -157,12 +162,20 @@ class Model:
             hidden = self.transformer(x, cache, logits_for="none")[0]
             logits = self.transformer.output(hidden).float().cpu()
             nll_decode = torch.zeros((), dtype=torch.float64)
-            for i in range(n0, len(ids) - 1):
-                x = torch.tensor([[ids[i]]], dtype=torch.long, device=self.device)
-                logits_i = self.transformer(x, cache, logits_for="last")[0, -1].float().cpu()
-                nll_decode += F.cross_entropy(logits_i[None], target[i : i + 1], reduction="sum").double()
-                if progress and (i % 16 == 0 or i == len(ids) - 2):
-                    progress(i + 1, len(ids) - 1)
+            nxt = iter(range(n0, len(ids)))
+
+            def teacher(logits_i: torch.Tensor) -> int:  # the text's own next token; its NLL once it is decoded
+                nonlocal nll_decode
+                i = next(nxt)
+                if i > n0:
+                    nll_decode += F.cross_entropy(logits_i[None], target[i - 1 : i], reduction="sum").double()
+                    if progress and ((i - 1) % 16 == 0 or i == len(ids) - 1):
+                        progress(i, len(ids) - 1)
+                return ids[i]
+
+            for _ in Decode(self.transformer, cache, [], teacher, max_tokens=len(ids) - n0,
+                            context_length=self.args.context_length, logits=logits[-1]):
+                pass
             nll = F.cross_entropy(logits, target[:n0], reduction="sum").double() + nll_decode
         n = len(ids) - 1
         mean = float(nll) / n
@@ -177,8 +190,9 @@ class Model:
         return out
 
     # --- generation ---------------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: Sequence[str] = (),
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = defaults.MAX_TOKENS,
+               temperature: float = defaults.TEMPERATURE, top_k: int = defaults.TOP_K, top_p: float = defaults.TOP_P,
+               seed: int | None = None, stop: Sequence[str] = (),
                cache: KVCache | None = None, policy=None, sampling: SamplingParams | None = None) -> Iterator[Step]:
         """Generate after `prompt` (text, tokenized with BOS as the file asks, or token ids), streaming
         `Step`s; the last one carries `finish_reason` ("stop", "length" or "context") and stats.
@@ -215,10 +229,10 @@ def load(path: str | os.PathLike[str] | None = None, device: str | torch.device 
     CPU, float16 on CUDA; on CUDA every weight is dequantized to it. `weights` ("auto", "quantized",
     "float16", "float32") sets how a float32 CPU model stores its matrices: "auto" keeps a float32 file's
     weights as float32 and quantized blocks as they are where the C kernels handle their type ("quantized"),
-    float16 copies otherwise (see `leank.runtime.linear`).
+    float16 copies otherwise (see `leank.runtime.model.linear`).
     `policy` is a cache policy (`leank.CachePolicy`); by default the one embedded in the file, or dense.
     """
-    path = default_model_path() if path is None else Path(path)
+    path = defaults.default_model_path() if path is None else Path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     f = GGUFFile(path)
@@ -232,8 +246,35 @@ def load(path: str | os.PathLike[str] | None = None, device: str | torch.device 
             progress(done[0], len(names))
 
     if policy is None:
-        from leank.runtime.policy import policy_from_file
-
         policy = policy_from_file(f, args)  # validates embedded metadata before the weights are read
     transformer = load_transformer(f, args, dev, dt, weights=weights, progress=tick)
     return Model(path, f, args, transformer, policy)
+
+
+@dataclass
+class ModelHeader:
+    """What a policy and the summaries need of a model, read without its weights: its path, file,
+    hyper-parameters and embedded policy (`notes`: what was tolerated while reading it)."""
+
+    path: Path
+    file: GGUFFile
+    args: ModelArgs
+    policy: CachePolicy | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def open_header(path: str | os.PathLike[str] | None, *, tolerate_invalid_policy: bool = False) -> ModelHeader:
+    """Read a GGUF file's header (`None`: the bundled default model). Invalid `leank.*` metadata is an
+    error, or, with `tolerate_invalid_policy` (converting replaces it), a note and no policy."""
+    path = defaults.default_model_path() if path is None else Path(path)
+    f = GGUFFile(path)
+    args = read_model_args(f)
+    notes: list[str] = []
+    try:
+        policy = policy_from_file(f, args)
+    except LeankError as e:
+        if not tolerate_invalid_policy:
+            raise
+        policy = None
+        notes.append(f"ignored the input's invalid leank metadata ({e})")
+    return ModelHeader(path, f, args, policy, notes)

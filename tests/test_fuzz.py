@@ -1,4 +1,4 @@
-"""CI-sized fuzzing (issue 7): bench/fuzz.py's mutators and targets under hypothesis.
+"""CI-sized fuzzing (issue 7): tests/fuzzing.py's mutators and targets under hypothesis.
 
 Seeds are valid tiny files; hypothesis drives the byte- and structure-level mutations. The only
 acceptable outcomes are success and one `LeankError` line (and, for convert, nothing left behind but a
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-import leank_bench_fuzz as fz  # loaded by conftest.py from bench/fuzz.py
+import fuzzing as fz  # tests/fuzzing.py
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +19,7 @@ CI = settings(derandomize=True, deadline=None, database=None, print_blob=True,
 
 
 class DrawChooser:
-    """bench/fuzz.py's chooser interface, with hypothesis making every choice (so it can shrink them)."""
+    """tests/fuzzing.py's chooser interface, with hypothesis making every choice (so it can shrink them)."""
 
     def __init__(self, data):
         self.data = data

@@ -14,7 +14,7 @@ import time
 import zipfile
 from pathlib import Path
 
-import leank_bench_fuzz as fz  # loaded by conftest.py from bench/fuzz.py (bench/ is not a package)
+import fuzzing as fz  # tests/fuzzing.py (bench/ is not a package)
 import pytest
 import torch
 
@@ -50,9 +50,9 @@ def craft(parts, path: Path, values=(), drop=(), tensors=None, counts=(None, Non
 
 def open_everything(path):
     """What `leank info`, `convert` and `load` read before any weight: the header, args, embedded policy."""
-    from leank.runtime.config import read_model_args
-    from leank.runtime.gguf_file import GGUFFile
-    from leank.runtime.policy import policy_from_file
+    from leank.runtime.arch.args import read_model_args
+    from leank.runtime.gguf.reader import GGUFFile
+    from leank.runtime.gguf.schema import policy_from_file
 
     f = GGUFFile(path)
     return policy_from_file(f, read_model_args(f))
@@ -217,7 +217,7 @@ def test_tensor_named_with_a_unicode_digit_cannot_crash_the_fingerprint(seeds, t
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path):
-    from leank.runtime.gguf_file import GGUFFile
+    from leank.runtime.gguf.reader import GGUFFile
 
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)
@@ -255,7 +255,7 @@ REACHING_FOR_INTERNALS = [
 
 @pytest.mark.parametrize("source", REACHING_FOR_INTERNALS)
 def test_template_reaching_for_python_internals_fails_safely(source, tmp_path):
-    from leank.runtime.tokenizer import ChatTemplate
+    from leank.runtime.text.template import ChatTemplate
 
     marker = tmp_path / "pwned"
     t = ChatTemplate(source.replace("'id'", f"'touch {marker}'"), "<s>", "</s>")
@@ -288,7 +288,7 @@ RESOURCE_ATTACKS = [  # each used to run for minutes or allocate hundreds of MB 
 
 @pytest.mark.parametrize("source", RESOURCE_ATTACKS)
 def test_template_resource_attacks_are_bounded(source, monkeypatch):
-    import leank.runtime.tokenizer as tokenizer
+    import leank.runtime.text.template as tokenizer
 
     monkeypatch.setattr(tokenizer, "MAX_TEMPLATE_STEPS", 200_000)  # the default (10^6) takes ~2 s per attack
     t = tokenizer.ChatTemplate(source, "<s>", "</s>")
@@ -323,7 +323,7 @@ def test_ordinary_templates_render_exactly_as_the_plain_sandbox(source):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     from leank.convert.synthetic import CHATML
-    from leank.runtime.tokenizer import ChatTemplate
+    from leank.runtime.text.template import ChatTemplate
 
     text = CHATML if source == "chatml" else LLAMA3_LIKE
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi {{x}} ' \" é"},
@@ -418,7 +418,7 @@ def test_pth_zip_bomb_is_refused_before_it_expands(tmp_path):
 def test_native_mask_with_hostile_provenance_is_one_line_error(tmp_path, provenance):
     from safetensors.torch import save_file
 
-    from leank.masks.mask import Mask
+    from leank.runtime.cache.mask import Mask
 
     path = tmp_path / "m.safetensors"
     save_file({"kept": torch.ones(2, 2, 64, dtype=torch.uint8)}, str(path),

@@ -47,8 +47,27 @@ VARIANTS = {
     "unpack-v1": {"LEANK_TL_FAST": "0"},
     "prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,1", "LEANK_TL_MIDDLE16": "64,128,0,4,1"},
     "no-prefetch": {"LEANK_TL_MIDDLE": "128,128,0,4,0", "LEANK_TL_MIDDLE16": "64,128,0,4,0"},
+    "one-tile-splits": {"LEANK_TL_MIN_TILES": "1", "LEANK_TL_BLOCKS_PER_SM": "32"},
+    "no-waves": {"LEANK_TL_WAVES": "0"},
 }
 VARIANT_CASES = ("llama-kivi2", "kivi4-lens-b8", "d64-k4v2-g16-odd", "fp16-gqa1")
+
+# one CUDA graph captured at full capacity and replayed at three sets of per-sequence lengths:
+# (id, head_dim, gqa, dtype, k_bits, v_bits, group, batch, kept count per KV head, full capacity,
+#  middle capacity, length dtype)
+GRAPH_CASES = [
+    ("graph-kivi2-bf16", 128, 4, torch.bfloat16, 2, 2, 32, 3, (32, 0, 64, 32), 300, 32 * 60, torch.int32),
+    ("graph-k4v2-d64-f16", 64, 2, torch.float16, 4, 2, 32, 3, (16, 32, 0), 130, 32 * 45, torch.int64),
+    ("graph-fp16-gqa8", 128, 8, torch.float16, 16, 16, 32, 3, (64, 32), 90, 32 * 50, torch.int32),
+]
+
+
+def graph_lengths(F: int, M: int) -> list[tuple[list[int], list[int]]]:
+    """(full lengths, middle lengths) of three replays: full, odd, one token, none, in every order."""
+    return [([F - 7, F, 1], [M // 2 + 3, M, 0]),
+            ([5, 133 % F + 1, F], [31, M - 45, M]),
+            ([F, F - 1, 77 % F], [M - 1, 1, 257])]
+
 
 # (kind, channels, bits, group, dtype, rows, tokens)
 QUANT_CASES = [
@@ -85,6 +104,8 @@ def all_specs() -> list:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    for _, D, R, dt, kb, vb, G, _, counts, _, _, _ in GRAPH_CASES:
+        specs += tlo.decode_specs(D, R, dt, counts, kb, vb, G, True)
     specs += tlo.decode_specs(64, 2, torch.float16, E2E_COUNTS, 2, 2, 32, False)
     for kind, C, bits, G, dt, _, _ in QUANT_CASES:
         specs.append(tlo.quantize_specs(C, bits, G, dt, kind))
@@ -241,6 +262,66 @@ def test_decode_without_middle_and_prefill_fall_back(poisoned):
     assert torch.equal(out3, ref3)
 
 
+def poison_past(buf: torch.Tensor, lens: list[int], gen) -> None:
+    """Garbage (NaN, or random bytes for codes) in every row (dim 2) of sequence b from lens[b] on."""
+    for b, n in enumerate(lens):
+        garbage_tail(buf[b : b + 1], n, gen)
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=[c[0] for c in GRAPH_CASES])
+def test_decode_graph_replays_at_three_lengths(poisoned, case):
+    """One CUDA graph, captured once with capacity-sized buffers and lengths in device tensors, replays
+    at three sets of per-sequence lengths (no host argument changes between replays) and matches the
+    reference at each; rows past each length hold garbage, the output is poisoned before each replay, and
+    the kernels' workspaces are poisoned inside the graph (the fixture's fills are captured too)."""
+    _, D, R, dtype, kb, vb, G, B, counts, F, M, len_dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(4321)
+    Hkv = len(counts)
+    q = channel_varied((B, Hkv * R, 1, D), dtype, gen)
+    full_k = channel_varied((B, Hkv, F, D), dtype, gen)
+    full_v = channel_varied((B, Hkv, F, D), dtype, gen)
+    groups = make_groups(counts, B, D, M, kb, vb, G, dtype, gen)
+    names = ("k", "k_scale", "k_min", "v", "v_scale", "v_min")
+    clean = [full_k.clone(), full_v.clone()] + [[getattr(g, n).clone() if getattr(g, n) is not None else None
+                                                 for n in names] for g in groups]
+    sets = graph_lengths(F, M)
+    full_lens = torch.tensor(sets[0][0], dtype=len_dtype, device="cuda")
+    middle_lens = torch.tensor(sets[0][1], dtype=len_dtype, device="cuda")
+
+    def call():
+        return poisoned.compressed_attention(q, full_k, full_v, groups, M, kb, vb, G, None, full_lens, middle_lens)
+
+    side = torch.cuda.Stream()  # warm-up off the capture stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for fl, ml in (sets[1], sets[0], sets[2]):
+        full_k.copy_(clean[0])
+        full_v.copy_(clean[1])
+        poison_past(full_k, fl, gen)
+        poison_past(full_v, fl, gen)
+        for g, saved in zip(groups, clean[2:]):
+            for n, t in zip(names, saved):
+                if t is None:
+                    continue
+                getattr(g, n).copy_(t)
+                per_group_rows = n in ("k_scale", "k_min")  # one K scale row per G tokens
+                poison_past(getattr(g, n), [-(-x // G) if per_group_rows else x for x in ml], gen)
+        full_lens.copy_(torch.tensor(fl))
+        middle_lens.copy_(torch.tensor(ml))
+        q.copy_(channel_varied(q.shape, dtype, gen))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.compressed_attention(q, full_k, full_v, groups, M, kb, vb, G, None, full_lens, middle_lens)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) <= TOL
+
+
 @pytest.mark.parametrize("case", QUANT_CASES, ids=[f"{c[0]}-c{c[1]}-b{c[2]}-g{c[3]}-{str(c[4])[6:]}" for c in QUANT_CASES])
 def test_quantize_bit_identical(poisoned, case):
     kind, C, bits, G, dtype, rows, T = case
@@ -268,9 +349,9 @@ def test_compressed_cache_decode_matches_reference(tlo):
     from types import SimpleNamespace
 
     from leank.kernels import dispatch
-    from leank.masks.mask import Mask
-    from leank.runtime.compressed import CompressedCache
-    from leank.runtime.policy import CachePolicy
+    from leank.runtime.cache.mask import Mask
+    from leank.runtime.cache.compressed import CompressedCache
+    from leank.runtime.cache.policy import CachePolicy
 
     Hkv, R, D, B = len(E2E_COUNTS), 2, 64, 2
     kept = torch.zeros(1, Hkv, D, dtype=torch.bool)

@@ -15,10 +15,10 @@ import torch
 from leank.errors import LeankError
 from leank.masks.binarize import aligned_counts, binarize, binarize_scores, straight_through_mask
 from leank.masks.importers import import_leank_pth, import_stage1_tsv, read_stage1_tsv
-from leank.masks.mask import Mask, Provenance
+from leank.runtime.cache.mask import Mask, Provenance
 from leank.masks.spec import read_mask_source, resolve_mask
-from leank.runtime.inspect import open_header
-from leank.runtime.rope import hf_to_gguf_permutation
+from leank.runtime.engine import open_header
+from leank.runtime.model.rope import hf_to_gguf_permutation
 
 # the shared data sits beside the repository (as SHARED in conftest.py, which importlib mode cannot import)
 MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "leank-masks"
@@ -246,7 +246,7 @@ def test_calibration_statistics_equal_a_direct_computation(make_tiny):
     """The cache wrapper's sums equal mean |q| (pooled per group) x mean |k| computed from Attention.qkv."""
     import leank
     from leank.masks.calib import SKIP_POSITIONS, channel_scores
-    from leank.runtime.model import Attention
+    from leank.runtime.model.transformer import Attention
 
     model = leank.load(make_tiny(n_layers=2, dim=64, n_heads=4, n_kv_heads=2), device="cpu")
     seqs = [list(range(5, 85)), list(range(100, 140))]
@@ -278,7 +278,7 @@ def test_calibration_prunes_dead_channels_first(tmp_path, make_tiny):
     import leank
     from leank.convert.writer import rewrite_gguf
     from leank.masks.calib import calibration_mask
-    from leank.runtime.gguf_file import GGUFFile
+    from leank.runtime.gguf.reader import GGUFFile
 
     src = GGUFFile(make_tiny(n_layers=2, dim=64, n_heads=4, n_kv_heads=2))
     head_dim, head, pair = 16, 1, 3  # interleaved RoPE: pair 3 is channels 6 and 7

@@ -24,7 +24,7 @@ def test_cuda_float16_model_matches_cpu_float32(make_tiny, arch):
 
 @pytest.mark.parametrize("kv", ["dense", "kivi"])
 def test_cuda_decode_equals_teacher_forcing(make_tiny, kv):
-    from leank.runtime.policy import CachePolicy
+    from leank.runtime.cache.policy import CachePolicy
 
     m = leank.load(make_tiny(arch="llama", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256), device="cuda")
     full = m.logits(IDS)

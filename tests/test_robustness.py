@@ -23,7 +23,7 @@ BIG = dict(n_layers=4, dim=1024, n_heads=8, n_kv_heads=2, ffn_dim=2816, fast_wei
 
 def data_digest(path: Path) -> str:
     """sha256 of a GGUF's tensor data section (what must survive a conversion byte for byte)."""
-    from leank.runtime.gguf_file import GGUFFile
+    from leank.runtime.gguf.reader import GGUFFile
 
     f = GGUFFile(path)
     h = hashlib.sha256()
@@ -44,9 +44,9 @@ def file_digest(path: Path) -> str:
 
 def read_policy(path: Path):
     """A complete, valid converted file: its header, model and embedded policy read back."""
-    from leank.convert.schema import read_leank_metadata
-    from leank.runtime.config import read_model_args
-    from leank.runtime.gguf_file import GGUFFile
+    from leank.runtime.gguf.schema import read_leank_metadata
+    from leank.runtime.arch.args import read_model_args
+    from leank.runtime.gguf.reader import GGUFFile
 
     f = GGUFFile(path)
     meta = read_leank_metadata(f, read_model_args(f))

@@ -57,7 +57,7 @@ def test_every_tensor_type_loads_as_its_dequantized_values(make_tiny, tmp_path, 
     assert torch.equal(exact, leank.load(f32, device="cpu").logits(ids))
     # the default CPU storage: quantized blocks multiplied in C (the same weights, float32 sums in another
     # order) where the kernels know the type, float16 copies otherwise (close, not identical)
-    from leank.runtime.linear import quantized_kernels_for
+    from leank.runtime.model.linear import quantized_kernels_for
 
     fast = leank.load(path, device="cpu").logits(ids)
     tol = 1e-4 if quantized_kernels_for(tensor_type) else 2e-2

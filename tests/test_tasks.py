@@ -10,7 +10,7 @@ import pytest
 
 import leank
 from leank.errors import LeankError
-from leank.runtime.tasks import (SEED_SPAN, SPLITS, TASKS, TEMPLATES, make_sample, make_samples, random_samples,
+from leank.masks.tasks import (SEED_SPAN, SPLITS, TASKS, TEMPLATES, make_sample, make_samples, random_samples,
                                  sample_seed)
 
 
@@ -67,7 +67,7 @@ def test_same_arguments_same_sample(tiny):
 
 def test_samples_do_not_depend_on_the_hash_seed(tiny):
     """Same arguments, another process with another PYTHONHASHSEED: the same prompt."""
-    code = ("import sys, leank; from leank.runtime.tasks import make_sample; "
+    code = ("import sys, leank; from leank.masks.tasks import make_sample; "
             "m = leank.load(sys.argv[1], device='cpu'); s = make_sample(m, 'vartrack', 1500, 0.3, seed=2); "
             "print(s.answers, s.prompt_ids == eval(sys.argv[2]))")
     here = make_sample(tiny, "vartrack", 1500, 0.3, seed=2)

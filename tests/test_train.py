@@ -7,7 +7,7 @@ import torch
 
 import leank
 from leank.masks.train import Example, ScaledKeyCache, TrainConfig, example_loss, load_examples, save_examples, train_mask
-from leank.runtime.cache import DenseCache
+from leank.runtime.cache.dense import DenseCache
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_examples_file_round_trip(model, tmp_path):
 
 def test_shipped_masks_are_found_for_the_default_model_only(default_model_path, tiny_llama):
     from leank.masks.shipped import shipped_mask
-    from leank.runtime.inspect import open_header
-    from leank.runtime.policy import build_policy
+    from leank.runtime.engine import open_header
+    from leank.masks.choose import build_policy
 
     h = open_header(default_model_path)
     m7, m5 = shipped_mask(h), shipped_mask(h, 0.5)

@@ -1,4 +1,4 @@
-"""Compare cache policies on synthetic long-context tasks (`leank.runtime.tasks`) and by decode perplexity.
+"""Compare cache policies on synthetic long-context tasks (`leank.masks.tasks`) and by decode perplexity.
 
 Protocol, per sample:
 1. the context (chat prefix, instruction, document) is prefilled once into a dense cache: prefill
@@ -24,7 +24,7 @@ Decode perplexity (`decode_perplexity`): `Model.perplexity(ids, decode_from=n, p
 the first n tokens prefilled and every later token fed through the decode path, so that tokens leave
 the recent window and are compressed as in generation.
 
-Policies are named by a SPEC (`parse_policy`), the same on the command line and in Python.
+Policies are named by a SPEC (`leank.masks.choose.parse_policy`), the same on the command line and in Python.
 """
 from __future__ import annotations
 
@@ -36,78 +36,14 @@ from typing import Callable, Sequence
 import torch
 
 from leank.errors import LeankError
-from leank.runtime.cache import DenseCache
-from leank.runtime.compressed import compress_cache
-from leank.runtime.policy import BITS, CachePolicy, build_policy
-from leank.runtime.tasks import Sample
+from leank.masks.tasks import Sample
+from leank.runtime.cache.compressed import compress_cache
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.policy import CachePolicy
+from leank.runtime.decode import Decode
 
 EXTRA_ANSWER_TOKENS = 8  # decoded beyond the expected answer's length, room for a differently worded reply
 EXTRA_LIST_TOKENS = 4  # more per further answer: a list may be numbered, one answer a line
-
-_KIVI = re.compile(r"kivi(\d+)(?:/(\d+))?")
-_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens"}
-
-
-def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tokens: int | None = None,
-                 group_size: int | None = None, block_tokens: int | None = None) -> CachePolicy:
-    """The cache policy a SPEC names, for `model`.
-
-    SPEC := BASE ("," OPTION)*
-      BASE   := "dense" | KIVI | "leank:" MASK ["+" KIVI]
-      KIVI   := "kivi" BITS | "kivi" K_BITS "/" V_BITS      (bits 2, 4, 8; e.g. kivi4, kivi2, kivi4/2)
-      MASK   := a mask SPEC of `leank.masks.spec.resolve_mask`: freq:0.5, ones, a mask file, ...
-      OPTION := sink=N | recent=N | group=N | block=N       (this policy only)
-
-    Examples: `dense`, `kivi4`, `leank:freq:0.5`, `leank:freq:0.7+kivi4`, `leank:mask.safetensors+kivi2`,
-    `kivi2,recent=256,group=64`. The keyword arguments are shared settings (the CLI's --sink, --recent,
-    --group-size) that OPTIONs override; anything unset falls back to `build_policy`'s defaults (the
-    file's embedded policy, then the paper defaults sized to the model's context).
-    """
-    text = spec.strip()
-    base, *opts = text.split(",")
-    settings = {"sink_tokens": sink_tokens, "recent_tokens": recent_tokens, "group_size": group_size,
-                "block_tokens": block_tokens}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key.strip() not in _OPTIONS or not value.strip().isdigit():
-            raise LeankError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N or block=N")
-        settings[_OPTIONS[key.strip()]] = int(value)
-
-    def kivi_bits(part: str) -> tuple[int, int]:
-        m = _KIVI.fullmatch(part)
-        if m is None:
-            raise LeankError(f"policy {spec!r}: {part!r} is not kiviN or kiviK/V (e.g. kivi4, kivi4/2)")
-        k = int(m.group(1))
-        v = int(m.group(2)) if m.group(2) else k
-        if k not in BITS[:-1] or v not in BITS[:-1]:
-            raise LeankError(f"policy {spec!r}: KIVI bits must be 2, 4 or 8")
-        return k, v
-
-    if base == "dense":
-        return build_policy(model, kv="dense", **settings)
-    if base.startswith("kivi"):
-        k, v = kivi_bits(base)
-        return build_policy(model, kv="kivi", k_bits=k, v_bits=v, **settings)
-    if base.startswith("leank:") and len(base) > len("leank:"):
-        mask, plus, quant = base[len("leank:"):].rpartition("+")
-        if not plus or not _KIVI.fullmatch(quant):  # no "+kiviN" suffix: all of it is the mask
-            return build_policy(model, kv="leank", mask=base[len("leank:"):], **settings)
-        k, v = kivi_bits(quant)
-        return build_policy(model, kv="leank+kivi", mask=mask, k_bits=k, v_bits=v, **settings)
-    raise LeankError(f"policy {spec!r}: expected dense, kiviN, leank:MASK or leank:MASK+kiviN")
-
-
-def parse_policies(specs: Sequence[str], model, **shared) -> dict[str, CachePolicy]:
-    """{spec: policy} for several SPECs, in order (duplicates are an error: they would share a column)."""
-    out: dict[str, CachePolicy] = {}
-    for spec in specs:
-        if spec in out:
-            raise LeankError(f"policy {spec!r} is given twice")
-        try:
-            out[spec] = parse_policy(spec, model, **shared)
-        except LeankError as e:
-            raise LeankError(str(e) if str(e).startswith("policy ") else f"policy {spec!r}: {e}") from None
-    return out
 
 
 # --- scoring ----------------------------------------------------------------------------------------------
@@ -144,25 +80,18 @@ def max_new_tokens(sample: Sample) -> int:
 @torch.inference_mode()
 def _answer(model, cache, sample: Sample, logits: torch.Tensor | None = None) -> tuple[str, int]:
     """Feed the question (unless `logits` say it was prefilled), then greedy-decode the reply."""
-    transformer, tok = model.transformer, model.tokenizer
-    dev = model.device
-    if logits is None:
-        x = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)
-        logits = transformer(x, cache, logits_for="last")[0, -1]
-    limit = min(max_new_tokens(sample), model.args.context_length - cache.seq_len)
+    tok = model.tokenizer
     single = len(sample.answers) == 1  # one answer ends with its line; lists may run over several
+    run = Decode(model.transformer, cache, [] if logits is not None else sample.question_ids,
+                 lambda row: int(torch.argmax(row)), max_tokens=max_new_tokens(sample),
+                 context_length=model.args.context_length, eog_ids=tok.eog_ids, logits=logits)
     generated: list[int] = []
     text = ""
-    while len(generated) < limit:
-        token = int(torch.argmax(logits))
-        if token in tok.eog_ids:
-            break
+    for token in run:
         generated.append(token)
         text = tok.detokenize(generated)
         if single and "\n" in text.strip() and re.search(r"\w", text):  # a line with content ended
             break
-        if len(generated) < limit:
-            logits = transformer(torch.tensor([[token]], dtype=torch.long, device=dev), cache, logits_for="last")[0, -1]
     text = text.strip()
     return (text.split("\n")[0] if single else text), len(generated)
 

@@ -2,21 +2,25 @@
 
 One class per block, the hot path visible: embed -> (RMSNorm, attention through the KV cache, RMSNorm,
 SwiGLU) x n_layers -> RMSNorm -> logits. The cache decides how past keys and values are stored and
-attended (`leank.runtime.cache`); this file never looks inside it.
+attended (`leank.runtime.cache.dense`); this file never looks inside it.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf.constants import MODEL_TENSOR
 from torch import nn
 
 from leank.errors import LeankError
 from leank.kernels import cpu as cpu_kernels
-from leank.runtime.config import ModelArgs
-from leank.runtime.gguf_file import GGUFFile
-from leank.runtime.linear import Linear, QuantLinear, make_linear, storage_mode
-from leank.runtime.rope import Rope, RopeTables
+from leank.runtime.arch.args import ModelArgs
+from leank.runtime.arch.base import tensor_name
+from leank.runtime.gguf.reader import GGUFFile
+from leank.runtime.model.linear import Linear, QuantLinear, make_linear, storage_mode
+from leank.runtime.model.rope import Rope, RopeTables
+
+EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
 
 # Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
 FFN_CHUNK_TOKENS = 2048
@@ -137,7 +141,7 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
                      weights: str = "auto", progress=None) -> Transformer:
     """Dequantize every weight of `f` into a `Transformer` on `device` in `dtype`.
 
-    `weights` chooses how matrices are stored on a float32 CPU (see `leank.runtime.linear`)."""
+    `weights` chooses how matrices are stored on a float32 CPU (see `leank.runtime.model.linear`)."""
     model = Transformer(args, device, dtype)
 
     def checked(name: str, shape: tuple[int, ...]):
@@ -187,52 +191,41 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
 
     a = args
     qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    emb_mode = storage_mode(weights, f.tensor_type_name("token_embd.weight"), device, dtype)
+    emb_mode = storage_mode(weights, f.tensor_type_name(EMBEDDINGS), device, dtype)
     if emb_mode == "quantized":  # rows are decoded as tokens come: the table stays in its blocks
-        model.tok_embeddings = QuantLinear(quantized(["token_embd.weight"], [(a.vocab_size, a.dim)]), a.dim)
+        model.tok_embeddings = QuantLinear(quantized([EMBEDDINGS], [(a.vocab_size, a.dim)]), a.dim)
         emb = None
     else:
-        emb = w("token_embd.weight", (a.vocab_size, a.dim))
+        emb = w(EMBEDDINGS, (a.vocab_size, a.dim))
         # the lookup table only feeds one row per token: float16 halves its memory at no speed cost
         model.tok_embeddings = emb.half() if emb_mode == "float16" else emb
-    model.norm = w("output_norm.weight", (a.dim,))
+    model.norm = w(tensor_name(MODEL_TENSOR.OUTPUT_NORM), (a.dim,))
     if a.tied_embeddings:
         model.output = model.tok_embeddings if emb is None else make_linear(emb, None, emb_mode)
     else:
-        model.output = linear(["output.weight"], [(a.vocab_size, a.dim)])
+        model.output = linear([tensor_name(MODEL_TENSOR.OUTPUT)], [(a.vocab_size, a.dim)])
     del emb
-    rope_freqs = w("rope_freqs.weight", (a.rope_dims // 2,)).float().cpu() if a.has_rope_freqs else None
+    rope_freqs = w(tensor_name(MODEL_TENSOR.ROPE_FREQS), (a.rope_dims // 2,)).float().cpu() if a.has_rope_freqs else None
     model.rope = Rope(a, rope_freqs, device)
+    T = MODEL_TENSOR
     for i, block in enumerate(model.layers):
-        p = f"blk.{i}."
+        def n(kind, suffix="weight", i=i):
+            return tensor_name(kind, i, suffix)
+
         att, ffn = block.attention, block.feed_forward
-        block.attn_norm = w(p + "attn_norm.weight", (a.dim,))
-        block.ffn_norm = w(p + "ffn_norm.weight", (a.dim,))
-        att.wqkv = linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
-                          [(qs, a.dim), (kvs, a.dim), (kvs, a.dim)],
-                          [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"] if a.qkv_bias else None)
+        block.attn_norm = w(n(T.ATTN_NORM), (a.dim,))
+        block.ffn_norm = w(n(T.FFN_NORM), (a.dim,))
+        att.wqkv = linear([n(T.ATTN_Q), n(T.ATTN_K), n(T.ATTN_V)], [(qs, a.dim), (kvs, a.dim), (kvs, a.dim)],
+                          [n(T.ATTN_Q, "bias"), n(T.ATTN_K, "bias"), n(T.ATTN_V, "bias")] if a.qkv_bias else None)
         if a.qk_norm:
-            att.q_norm = w(p + "attn_q_norm.weight", (a.head_dim,))
-            att.k_norm = w(p + "attn_k_norm.weight", (a.head_dim,))
-        att.wo = linear([p + "attn_output.weight"], [(a.dim, qs)])
-        ffn.w_gate_up = linear([p + "ffn_gate.weight", p + "ffn_up.weight"], [(a.ffn_dim, a.dim), (a.ffn_dim, a.dim)])
-        ffn.w_down = linear([p + "ffn_down.weight"], [(a.dim, a.ffn_dim)])
+            att.q_norm = w(n(T.ATTN_Q_NORM), (a.head_dim,))
+            att.k_norm = w(n(T.ATTN_K_NORM), (a.head_dim,))
+        att.wo = linear([n(T.ATTN_OUT)], [(a.dim, qs)])
+        ffn.w_gate_up = linear([n(T.FFN_GATE), n(T.FFN_UP)], [(a.ffn_dim, a.dim), (a.ffn_dim, a.dim)])
+        ffn.w_down = linear([n(T.FFN_DOWN)], [(a.dim, a.ffn_dim)])
     return model
 
 
 def weight_tensor_names(args: ModelArgs) -> list[str]:
-    """The tensors `load_transformer` reads, in order (for progress bars)."""
-    names = ["token_embd.weight", "output_norm.weight"]
-    if not args.tied_embeddings:
-        names.append("output.weight")
-    if args.has_rope_freqs:
-        names.append("rope_freqs.weight")
-    per = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v"]
-    if args.qkv_bias:
-        per += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
-    if args.qk_norm:
-        per += ["attn_q_norm", "attn_k_norm"]
-    per += ["attn_output", "ffn_gate", "ffn_up", "ffn_down"]  # the order load_transformer reads them
-    for i in range(args.n_layers):
-        names += [f"blk.{i}.{n}" + ("" if n.endswith(".bias") else ".weight") for n in per]
-    return names
+    """The tensors `load_transformer` reads (for progress bars): the architecture's tensor table."""
+    return list(args.architecture.tensor_shapes(args))

@@ -4,8 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gguf.constants import GGUFValueType as V
+
 from leank.errors import LeankError
-from leank.runtime.gguf_file import ARRAY, STRING, GGUFFile
+from leank.runtime.arch import get as get_architecture
+from leank.runtime.arch import names as architecture_names
+from leank.runtime.arch.base import Architecture
+from leank.runtime.gguf.reader import ARRAY, STRING, GGUFFile
 
 # Bounds on what a file may claim. Sizes are also checked against the tensors, which must lie in the file,
 # so a crafted header cannot make leank build a model (or a mask, or RoPE tables) larger than the file.
@@ -17,15 +22,6 @@ TOKENIZER_MODELS = ("gpt2", "llama")
 # llama.cpp falls back to default special-token ids (SPM: 0-2, BPE: 11) and aborts the process when one
 # lies beyond the vocabulary: a smaller vocabulary is refused.
 MIN_VOCAB = 16
-GGUF_UINT32, GGUF_INT32, GGUF_FLOAT32 = 4, 5, 6
-
-# Architectures leank runs, with what distinguishes them from plain llama.
-SUPPORTED_ARCHITECTURES = {
-    "llama": "Llama 2/3, Mistral, SmolLM (interleaved RoPE on permuted Q/K rows)",
-    "qwen2": "Qwen2/Qwen2.5 (q/k/v biases, rotate-half RoPE)",
-    "qwen3": "Qwen3 dense (per-head q/k RMSNorm, rotate-half RoPE)",
-}
-
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -61,9 +57,13 @@ class ModelArgs:
     has_rope_freqs: bool = False
 
     @property
+    def architecture(self) -> Architecture:
+        return get_architecture(self.arch)
+
+    @property
     def rope_mode(self) -> str:
         """'interleaved' (pairs 2i, 2i+1; llama-arch GGUFs) or 'neox' (pairs i, i + d/2)."""
-        return "interleaved" if self.arch == "llama" else "neox"
+        return self.architecture.rope_mode
 
     @property
     def n_rep(self) -> int:
@@ -116,9 +116,9 @@ def read_model_args(f: GGUFFile) -> ModelArgs:
     """The model's hyper-parameters, checked: ranges, the tensors' shapes, and a vocabulary llama.cpp can
     load without crashing (see `check_vocabulary`). Every failure is one `LeankError`."""
     arch = f.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if get_architecture(arch) is None:
         raise LeankError(
-            f"{f.path}: architecture {_short(arch)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{f.path}: architecture {_short(arch)} is not supported; supported: {', '.join(architecture_names())}"
         )
     a = arch
     splits = f.get("split.count", 0, max_items=0)
@@ -199,27 +199,9 @@ def check_tensor_shapes(f: GGUFFile, args: ModelArgs) -> None:
     Tensors must lie inside the file, so this bounds every size in `args` by the file's size: no layer
     count, head count or width can make leank allocate more than the file describes."""
     a = args
-    qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    expected = {"token_embd.weight": (a.vocab_size, a.dim), "output_norm.weight": (a.dim,)}
-    if not a.tied_embeddings:
-        expected["output.weight"] = (a.vocab_size, a.dim)
-    if a.has_rope_freqs:
-        expected["rope_freqs.weight"] = (a.rope_dims // 2,)
-    if a.n_layers > len(f.tensors):
+    if a.n_layers > len(f.tensors):  # before the table: a crafted layer count must not build a huge one
         raise LeankError(f"{f.path}: {a.n_layers} layers claimed, but the file has only {len(f.tensors)} tensors")
-    for i in range(a.n_layers):
-        p = f"blk.{i}."
-        expected.update({
-            p + "attn_norm.weight": (a.dim,), p + "ffn_norm.weight": (a.dim,),
-            p + "attn_q.weight": (qs, a.dim), p + "attn_k.weight": (kvs, a.dim), p + "attn_v.weight": (kvs, a.dim),
-            p + "attn_output.weight": (a.dim, qs),
-            p + "ffn_gate.weight": (a.ffn_dim, a.dim), p + "ffn_up.weight": (a.ffn_dim, a.dim),
-            p + "ffn_down.weight": (a.dim, a.ffn_dim),
-        })
-        if a.qkv_bias:
-            expected.update({p + "attn_q.bias": (qs,), p + "attn_k.bias": (kvs,), p + "attn_v.bias": (kvs,)})
-        if a.qk_norm:
-            expected.update({p + "attn_q_norm.weight": (a.head_dim,), p + "attn_k_norm.weight": (a.head_dim,)})
+    expected = a.architecture.tensor_shapes(a)
     for name, shape in expected.items():
         if not f.has_tensor(name):
             raise LeankError(f"{f.path}: tensor {name!r} is missing")
@@ -254,8 +236,8 @@ def check_vocabulary(f: GGUFFile, n_rows: int) -> None:
     if n < MIN_VOCAB:
         raise LeankError(f"{where}: a vocabulary of {n} tokens is too small (at least {MIN_VOCAB})")
     # llama.cpp reads these as raw float/int arrays of n items, whatever their declared type and length
-    for key, etypes, what in (("tokenizer.ggml.scores", (GGUF_FLOAT32,), "float32"),
-                              ("tokenizer.ggml.token_type", (GGUF_INT32, GGUF_UINT32), "int32")):
+    for key, etypes, what in (("tokenizer.ggml.scores", (V.FLOAT32,), "float32"),
+                              ("tokenizer.ggml.token_type", (V.INT32, V.UINT32), "int32")):
         field = f.fields.get(key)
         if field is not None and (field.type != ARRAY or field.sub_type not in etypes or field.count != n):
             raise LeankError(f"{where}: {key} must be an array of {n} {what}")

@@ -10,12 +10,13 @@ import json
 import math
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 
 from leank.errors import LeankError
-from leank.masks.mask import Mask, Provenance
-from leank.runtime.policy import BITS, CachePolicy
+from leank.runtime.cache.mask import Mask, Provenance
+from leank.runtime.cache.policy import CachePolicy
 
 SCHEMA_VERSION = 1
 PREFIX = "leank."
@@ -184,8 +185,6 @@ def _float32_ratio(value: float | None) -> float | None:
 
 def write_leank_metadata(writer, policy: CachePolicy, fingerprint: str) -> None:
     """Add the `leank.*` keys for `policy` to a `gguf.GGUFWriter` (before its header is written)."""
-    import gguf
-
     V = gguf.GGUFValueType
     writer.add_uint32(K_VERSION, SCHEMA_VERSION)
     writer.add_string(K_FINGERPRINT, fingerprint)
@@ -211,3 +210,8 @@ def write_leank_metadata(writer, policy: CachePolicy, fingerprint: str) -> None:
             plain = {str(k): v if v is None or isinstance(v, (str, int, float, bool)) else str(v) for k, v in p.extra.items()}
             writer.add_string(K_MASK_EXTRA, json.dumps(plain, sort_keys=True))
 
+
+def policy_from_file(f, args) -> CachePolicy | None:
+    """The policy embedded in a converted GGUF's `leank.*` metadata, or None for a plain file."""
+    meta = read_leank_metadata(f, args)
+    return None if meta is None else meta.policy

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from leank.errors import LeankError
 from leank.kernels import cpu
 
 WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
@@ -144,8 +145,6 @@ def storage_mode(requested: str, source_type: str, device: torch.device, dtype: 
     """How to store a matrix whose GGUF type is `source_type`: on a float32 CPU, 'auto' keeps F32 as
     float32 and quantized blocks as they are when the C kernels handle them, else float16."""
     if requested not in WEIGHT_MODES:
-        from leank.errors import LeankError
-
         raise LeankError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {requested!r}")
     if device.type != "cpu" or dtype != torch.float32:
         return "dense"

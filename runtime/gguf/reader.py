@@ -20,17 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGUFValueType as V
 
 from leank.errors import LeankError
 
 # Tensor types whose dequantization the tests cover (every type gguf-py dequantizes loads).
 TESTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
-# GGUF value types (gguf.GGUFValueType): fixed sizes and numpy dtypes; 8 = string, 9 = array
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-STRING, ARRAY, BOOL, UINT32 = 8, 9, 7, 4
+# GGUF value types (gguf-py's numbering): the numpy dtype of each fixed-size one
+_SCALARS = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4", V.INT32: "<i4",
+            V.FLOAT32: "<f4", V.BOOL: "<u1", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8"}
+STRING, ARRAY, BOOL, UINT32 = V.STRING, V.ARRAY, V.BOOL, V.UINT32
 MAX_NAME_BYTES = 65535
 MAX_TENSOR_NAME_BYTES = 63  # llama.cpp's GGML_MAX_NAME is 64 with the terminating NUL
 MAX_DIMS = 4
@@ -174,8 +178,6 @@ class GGUFFile:
         self._parse()
 
     def _parse(self) -> None:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
         p = _Parser(self._map, self.path)
         p.pos = 4
         version = p.u32("version")
@@ -348,11 +350,10 @@ class GGUFFile:
     def tensor_data(self, t: TensorInfo) -> np.ndarray:
         """The stored data, read-only: float arrays for float types, rows of block bytes for the rest
         (the layout gguf-py's dequantizers take)."""
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-
         if self._array is None:
             self._array = np.frombuffer(self._map, dtype=np.uint8)
         raw = self._array[t.data_offset : t.data_offset + t.n_bytes]
+        Q = GGMLQuantizationType
         plain = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16,
                  Q.I32: np.int32, Q.I64: np.int64}
         if t.tensor_type in plain:
@@ -374,8 +375,6 @@ class GGUFFile:
 
 def dequantize(data: np.ndarray, qtype, name: str, path: Path) -> np.ndarray:
     """Stored data as float32 numpy (F32/F16 directly; quantized types through gguf-py)."""
-    import gguf
-
     if qtype == gguf.GGMLQuantizationType.F32:
         return data
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -389,8 +388,6 @@ def dequantize(data: np.ndarray, qtype, name: str, path: Path) -> np.ndarray:
 
 def supported_tensor_types() -> list[str]:
     """Every GGML tensor type gguf-py can dequantize (the types leank can load)."""
-    import gguf
-
     names = ["F32", "F16"]
     for q in gguf.GGMLQuantizationType:
         if q.name not in names and q in gguf.quants._type_traits:  # gguf-py's registry of numpy dequantizers

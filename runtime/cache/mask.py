@@ -1,7 +1,7 @@
 """The one `Mask` type: which key-cache channels of each (layer, KV head) are kept for older tokens.
 
 A mask is a bool tensor (layers, kv_heads, head_dim) in the model's GGUF channel order (see
-`leank.runtime.rope` for what that order means per architecture), plus where it came from.
+`leank.runtime.model.rope` for what that order means per architecture), plus where it came from.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from leank.errors import LeankError
 from leank.runtime.outputs import atomic_write
@@ -154,8 +156,6 @@ class Mask:
     # --- files ----------------------------------------------------------------------------------------
     def save(self, path: str | Path, force: bool = True, inputs=()) -> None:
         """Write a native mask file (safetensors: a uint8 tensor plus JSON provenance)."""
-        from safetensors.torch import save_file
-
         meta = {"format": "leank-mask", "version": "1", "provenance": json.dumps(self.provenance.as_dict())}
         with atomic_write(path, force=force, inputs=inputs) as tmp:
             save_file({"kept": self.kept.to(torch.uint8)}, str(tmp), metadata=meta)
@@ -164,8 +164,6 @@ class Mask:
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
         """Read a native mask file written by `save`."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise LeankError(f"{path}: no such mask file")

@@ -1,0 +1,1 @@
+"""The GGUF file: a bounds-checked reader (`reader`) and the `leank.*` metadata schema (`schema`)."""

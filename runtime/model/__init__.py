@@ -1,0 +1,1 @@
+"""The network: weight matrices (`linear`), RoPE (`rope`), the transformer blocks and their loader (`transformer`)."""

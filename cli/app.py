@@ -13,9 +13,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import torch
 import typer
+from rich.markup import escape
 from typing_extensions import Annotated
 
+from leank import __version__
 from leank.cli import chat, convert, evaluate, generate, info, mask, mask_train, perplexity
 from leank.cli.options import DebugOpt, ThreadsOpt, default_threads
 from leank.cli.output import err
@@ -53,8 +56,6 @@ mask_app = typer.Typer(name="mask", help="Make, import, learn and look at K-chan
 
 def _version(value: bool) -> None:
     if value:
-        from leank import __version__
-
         typer.echo(f"leank {__version__}")
         raise typer.Exit()
 
@@ -146,8 +147,6 @@ def usage_message(e) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    from rich.markup import escape
-
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return code
 
@@ -158,8 +157,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     x = _click_exceptions()
     if "LEANK_THREADS" not in os.environ:
-        import torch
-
         torch.set_num_threads(default_threads())
     command = typer.main.get_command(app)
     try:

@@ -23,6 +23,7 @@ from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeO
                                policy_from_options, read_text_file, sampling_from_options)
 from leank.cli.output import cache_summary, err
 from leank.errors import LeankError
+from leank.runtime.chat import ChatSession
 
 BLOCK = '"""'
 COMMANDS = {
@@ -135,8 +136,6 @@ def chat(
     From a pipe: every line of standard input is one user turn (or a \"\"\" block); replies go to
     standard output, one per turn.
     """
-    from leank.runtime.chat import ChatSession
-
     interactive = sys.stdin.isatty()
     m = load_model(model_path(model, model_option), device, dtype, quiet=not interactive)
     limit = check_ctx_size(m, ctx_size)

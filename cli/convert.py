@@ -5,12 +5,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from typing_extensions import Annotated
 
 from leank.cli.options import (AlignOpt, DebugOpt, ForceOpt, GroupOpt, JsonOpt, KBitsOpt, ModelArg, ModelOpt,
                                RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path, not_a_directory)
 from leank.cli.output import (err, files_named_in, human_bytes, out, prepare_output, print_json, print_mask_stats,
                               print_summary)
+from leank.convert.convert import convert as run_convert
+from leank.convert.convert import inspect_file
 from leank.errors import LeankError
 
 
@@ -38,10 +41,6 @@ def convert(
 
     Example: leank convert model.gguf --mask freq:0.7 --k-bits 4 --v-bits 4 -o model-leank.gguf
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    from leank.convert.convert import convert as run_convert
-
     if output is None:
         raise LeankError("no output file: pass -o OUT.gguf")
     src = default_model(model_path(model, model_option))
@@ -83,8 +82,6 @@ def inspect(
     model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """The model summary plus the leank.* metadata: policy, mask statistics, and the KV bytes per token they imply."""
-    from leank.convert.convert import inspect_file
-
     s = inspect_file(model_path(file, model_option), ctx)
     if json_out:
         print_json(s)

@@ -7,11 +7,18 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, GroupOpt, ModelArg, ModelOpt, RecentOpt,
                                SinkOpt, ThreadsOpt, default_model, load_model, model_path, read_text_file)
 from leank.cli.output import err, files_named_in, out, prepare_output
+from leank.errors import LeankError
+from leank.masks.choose import parse_policies
+from leank.masks.evaluate import PROTOCOLS, check_policies, decode_perplexity, evaluate, summarize
+from leank.masks.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
+from leank.runtime.outputs import write_text
 
 
 def eval_(
@@ -50,14 +57,6 @@ def eval_(
     question as a second chunk and greedy-decodes the answer. The table shows exact-match accuracy (%)
     per task and length; the JSON has every reply.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from leank.errors import LeankError
-    from leank.runtime.outputs import write_text
-    from leank.masks.evaluate import PROTOCOLS, check_policies, decode_perplexity, evaluate, summarize
-    from leank.masks.choose import parse_policies
-    from leank.masks.tasks import HAYSTACKS, SPLITS, TASKS, make_samples
-
     tasks, lengths, depths = task or ["passkey"], length or [2048], depth or [0.5]
     specs = policy or ["dense", "kivi4"]
     for t in tasks:
@@ -128,8 +127,6 @@ def eval_(
 
 
 def _print_table(rows: list[dict], policies: list[str], ppl: dict | None) -> None:
-    from rich.table import Table
-
     table = Table(title="accuracy (%; mean score in parentheses when it differs)")
     table.add_column("task")
     table.add_column("length", justify="right")

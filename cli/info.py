@@ -9,6 +9,7 @@ from typing_extensions import Annotated
 from leank.cli.options import (DebugOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, ModelOpt, RatioOpt,
                                RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, model_path)
 from leank.cli.output import print_json, print_summary
+from leank.convert.inspect import model_summary
 
 
 def info(
@@ -24,8 +25,6 @@ def info(
 
     Example: leank info --ctx-size 8192 --kv leank+kivi --k-bits 2 --v-bits 2
     """
-    from leank.convert.inspect import model_summary
-
     summary = model_summary(model_path(model, model_option), ctx=ctx, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits,
                             v_bits=v_bits, group_size=group_size, sink_tokens=sink, recent_tokens=recent)
     if json_out:

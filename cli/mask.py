@@ -5,10 +5,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import Annotated
 
 from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model, not_a_directory
 from leank.cli.output import err, files_named_in, mask_report, out, prepare_output, print_json, print_mask_stats
+from leank.masks.heatmap import write_heatmap
+from leank.masks.spec import read_mask_source, resolve_mask
+from leank.runtime.engine import open_header
 
 SourceArg = Annotated[str, typer.Argument(
     metavar="MASK_OR_MODEL",
@@ -38,9 +42,6 @@ def show(
     Examples: leank mask show llama3.1-8b-instruct.pth --arch llama --png mask.png;
     leank mask show out.gguf; leank mask show calib:0.7 --model model.gguf --align 32
     """
-    from leank.masks.heatmap import write_heatmap
-    from leank.masks.spec import read_mask_source
-
     not_a_directory(source, "MASK_OR_MODEL")
     inputs = [model, *files_named_in(source)]
     prepare_output(png, "--png", force=force, inputs=inputs)
@@ -78,9 +79,6 @@ def make(
 
     Example: leank mask make calib:0.7 --model model.gguf -o model-calib70.safetensors
     """
-    from leank.masks.spec import resolve_mask
-    from leank.runtime.engine import open_header
-
     not_a_directory(spec, "SPEC")
     inputs = [default_model(model), *files_named_in(spec)]
     prepare_output(output, "--output", force=force, inputs=inputs)
@@ -107,8 +105,6 @@ class _calibration_bar:
     def __enter__(self):
         if not self.active:
             return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.bar = Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                             TimeRemainingColumn(), console=err, transient=True)
         self.bar.__enter__()

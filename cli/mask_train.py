@@ -4,12 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, ModelOpt, ThreadsOpt, default_model,
                                load_model, model_path, not_a_directory)
 from leank.cli.output import err, out, prepare_output
+from leank.errors import LeankError
+from leank.masks.train import TrainConfig, generated_examples, load_examples, save_examples, train_mask
+from leank.runtime.defaults import SINK_TOKENS as DEFAULT_SINK
+from leank.runtime.defaults import default_recent
+from leank.runtime.engine import load
 
 
 def train(
@@ -50,13 +57,6 @@ def train(
 
     Example: leank mask train --ratio 0.7 --align 16 --steps 300 -o smollm2.safetensors
     """
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from leank.errors import LeankError
-    from leank.masks.train import TrainConfig, load_examples, train_mask
-    from leank.runtime.defaults import SINK_TOKENS as DEFAULT_SINK, default_recent
-
     if output is None:
         raise LeankError("pass --output FILE.safetensors for the trained mask")
     model = model_path(model, model_option)
@@ -74,8 +74,6 @@ def train(
     torch.manual_seed(seed)
     m = load_model(model, device, dtype)
     if m.device.type == "cpu" and m.dtype == torch.float32:
-        from leank.runtime.engine import load
-
         m = load(m.path, device="cpu", weights="float32")  # gradients need plain float32 matrices
     a = m.args
     examples = load_examples(data) if data is not None else None
@@ -119,11 +117,6 @@ def examples(
     model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
 ):
     """Write pre-tokenized training examples, for training on a machine without the tokenizer."""
-    from rich.progress import Progress
-
-    from leank.errors import LeankError
-    from leank.masks.train import TrainConfig, generated_examples, save_examples
-
     if output is None:
         raise LeankError("pass --output FILE")
     model = default_model(model_path(model, model_option))

@@ -4,16 +4,22 @@ sampling parameters). Names follow llama.cpp where it has one: -m/--model, -c/--
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Annotated
 
 from leank.cli.output import err
 from leank.errors import LeankError
+from leank.masks.choose import build_policy
+from leank.runtime.defaults import default_model_path
+from leank.runtime.engine import load
 from leank.runtime.generate import SamplingParams
 
 DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}  # the one sampling defaults table
@@ -26,9 +32,10 @@ ModelArg = Annotated[
 ]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE", show_default=False,
                                                   help="GGUF model file, as llama.cpp's -m (or give it as MODEL).")]
-def check_device(value: str) -> str:
-    import re
 
+
+def check_device(value: str) -> str:
+    """The --device callback: refuses a device name torch would list its device types for."""
     if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto (got {value})")
     return value
@@ -56,8 +63,6 @@ def model_path(positional: Optional[Path], option: Optional[Path]) -> Optional[P
 
 def default_model(path: Optional[Path]) -> Path:
     """`path`, or the bundled default model."""
-    from leank.runtime.defaults import default_model_path
-
     return default_model_path() if path is None else path
 
 
@@ -90,8 +95,6 @@ def default_threads() -> int:
 def set_threads(value: Optional[int]) -> Optional[int]:
     """Use `value` CPU threads (torch and the C kernels); the option callback of -t/--threads."""
     if value is not None:
-        import torch
-
         torch.set_num_threads(value)
         os.environ["LEANK_THREADS"] = str(value)  # the same count for every later option and subcommand
     return value
@@ -202,10 +205,6 @@ def read_text_file(path: Path, option: str) -> str:
 
 def load_model(path: Optional[Path], device: str = "auto", dtype: Optional[str] = None, quiet: bool = False):
     """`leank.load` with a transient progress bar on stderr."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from leank.runtime.engine import load
-
     path = default_model(path)
     if quiet or not err.is_terminal:
         return load(path, device=device, dtype=dtype)
@@ -228,8 +227,6 @@ def not_a_directory(value, option: str):
 
 def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent):
     """The cache policy the command line asks for (see `leank.masks.choose.build_policy`)."""
-    from leank.masks.choose import build_policy
-
     not_a_directory(mask, "--mask")
     return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
                         sink_tokens=sink, recent_tokens=recent)

@@ -3,11 +3,15 @@ counts, the model summary, mask statistics, generation stats) and the inputs an 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 from rich.console import Console
+from rich.table import Table
+
+from leank.runtime.outputs import check_output
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 out = Console(soft_wrap=True, highlight=False)
@@ -54,8 +58,6 @@ def print_generation_stats(s, policy) -> None:
 
 def print_summary(s: dict) -> None:
     """The model summary of `leank info` and `leank inspect`."""
-    from rich.table import Table
-
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -97,8 +99,6 @@ def mask_report(mask, source: str) -> dict:
 
 def print_mask_stats(stats: dict, title: str | None = None, per_layer: list | None = None) -> None:
     """The rich rendering of `Mask.stats()` (used by `mask show`, `mask make` and `inspect`)."""
-    from rich.table import Table
-
     L, H, D = stats["shape"]
     heads = stats["heads"]
     if title:
@@ -136,8 +136,6 @@ def print_mask_stats(stats: dict, title: str | None = None, per_layer: list | No
 def files_named_in(*specs: Optional[str]) -> list[Path]:
     """The existing files a command's SPEC strings name (`leank:mask.safetensors+kivi2`, `calib.tsv:0.7`,
     a plain path): inputs that an output must never replace."""
-    import re
-
     found = []
     for spec in specs:
         if not spec:
@@ -151,8 +149,6 @@ def files_named_in(*specs: Optional[str]) -> list[Path]:
 
 def prepare_output(path: Optional[Path], option: str, *, force: bool, inputs: Iterable = ()) -> Optional[Path]:
     """Check an output path before any work (`leank.runtime.outputs.check_output`); None passes through."""
-    from leank.runtime.outputs import check_output
-
     if path is None:
         return None
     check_output(path, force=force, inputs=list(inputs), what=option)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg,
@@ -36,8 +37,6 @@ def perplexity(
     is scored. Prefill alone never touches the compressed part of the cache: use --decode to measure
     what compression costs.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     if file is None:
         raise LeankError("no text to score: pass --file FILE")
     text = read_text_file(file, "--file")

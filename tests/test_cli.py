@@ -304,12 +304,14 @@ def test_writers_refuse_directories_devices_pipes_and_sockets(writer, leank_cli,
 def test_writers_check_the_directory_before_the_work(writer, leank_cli, make_tiny, mask_file, tmp_path, monkeypatch):
     model = make_tiny()
     before, option, after = writer_commands(model, mask_file, tmp_path)[writer]
-    import leank.runtime.engine as engine
+    import leank.cli.mask_train
+    import leank.cli.options
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was checked")
 
-    monkeypatch.setattr(engine, "load", no_loading)
+    monkeypatch.setattr(leank.cli.options, "load", no_loading)
+    monkeypatch.setattr(leank.cli.mask_train, "load", no_loading)
     r = leank_cli(*before, option, tmp_path / "no" / "such" / "dir" / "out", *after)
     assert_one_line_error(r, "does not exist")
 

@@ -140,6 +140,9 @@ def usage_message(e) -> str:
     if isinstance(e, x.BadOptionUsage) and "requires an argument" in e.message:
         return f"{e.option_name}: needs a value"
     message = e.format_message().rstrip(".")
+    if message.startswith("Got unexpected extra argument"):
+        extra = message[message.rfind("(") + 1: message.rfind(")")]
+        return f"{extra}: one argument too many (flags such as --json take no value; MODEL is given once)"
     if message.startswith("No such command"):
         commands = ", ".join(e.ctx.command.list_commands(e.ctx)) if e.ctx is not None else ""
         return message[0].lower() + message[1:] + (f"; the commands are {commands}" if commands else "")

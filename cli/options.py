@@ -195,6 +195,8 @@ def read_text_file(path: Path, option: str) -> str:
         return sys.stdin.read()
     if path.is_dir():
         raise LeankError(f"{option} {path}: is a directory, not a text file")
+    if path.exists() and not path.is_file():
+        raise LeankError(f"{option} {path}: not a regular file")
     if not path.is_file():
         raise LeankError(f"{option} {path}: no such file")
     try:

@@ -67,6 +67,7 @@ def test_version(leank_cli):
     (["mask", "make"], "error: missing argument SPEC"),
     (["mask", "make", "freq:0.5"], "error: missing option --output"),
     (["gen"], "error: no such command 'gen'; the commands are chat, generate"),
+    (["info", "model.gguf", "--json", "true"], "error: true: one argument too many"),
     (["--threads", "0", "info"], "error: --threads: must be >= 1 (got 0)"),
     (["info", "-t", "0"], "error: --threads: must be >= 1 (got 0)"),
 ])

@@ -9,6 +9,7 @@ Exit codes: 0 done, 1 the request failed (bad input files, impossible settings: 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from typing import Optional, Sequence
@@ -16,9 +17,9 @@ from typing import Optional, Sequence
 import torch
 import typer
 from rich.markup import escape
+from typer._click import exceptions as click_exceptions  # typer 0.29 carries its own click (pinned)
 from typing_extensions import Annotated
 
-from leank import __version__
 from leank.cli import chat, convert, evaluate, generate, info, mask, mask_train, perplexity
 from leank.cli.options import DebugOpt, ThreadsOpt, default_threads
 from leank.cli.output import err
@@ -56,7 +57,11 @@ mask_app = typer.Typer(name="mask", help="Make, import, learn and look at K-chan
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"leank {__version__}")
+        try:
+            version = importlib.metadata.version("leank")
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            version = "(not installed)"
+        typer.echo(f"leank {version}")
         raise typer.Exit()
 
 
@@ -78,15 +83,6 @@ app.add_typer(mask_app, name="mask")
 
 
 # --- running it ---------------------------------------------------------------------------------------------
-def _click_exceptions():
-    """The click exception module typer raises: its own copy (`typer._click`, typer >= 0.29) or click."""
-    try:
-        from typer._click import exceptions
-    except ImportError:  # typer before 0.29 uses the click package
-        from click import exceptions
-    return exceptions
-
-
 def _option_name(param) -> str:
     if param is None:
         return ""
@@ -124,20 +120,19 @@ def _reason(e) -> str:
 
 def usage_message(e) -> str:
     """One line for a usage error: the option it is about, then what is wrong with it."""
-    x = _click_exceptions()
-    if isinstance(e, x.MissingParameter):
+    if isinstance(e, click_exceptions.MissingParameter):
         kind = "argument" if getattr(e.param, "param_type_name", "") == "argument" else "option"
         return f"missing {kind} {_option_name(e.param)}"
-    if isinstance(e, x.BadParameter):
+    if isinstance(e, click_exceptions.BadParameter):
         name = _option_name(e.param)
         if not name and e.param_hint:
             hint = e.param_hint if isinstance(e.param_hint, str) else e.param_hint[0]
             name = hint.strip("'\"")
         return f"{name}: {_reason(e)}" if name else _reason(e)
-    if isinstance(e, x.NoSuchOption):
+    if isinstance(e, click_exceptions.NoSuchOption):
         close = f" (did you mean {', '.join(sorted(e.possibilities))}?)" if e.possibilities else ""
         return f"{e.option_name}: no such option{close}"
-    if isinstance(e, x.BadOptionUsage) and "requires an argument" in e.message:
+    if isinstance(e, click_exceptions.BadOptionUsage) and "requires an argument" in e.message:
         return f"{e.option_name}: needs a value"
     message = e.format_message().rstrip(".")
     if message.startswith("Got unexpected extra argument"):
@@ -158,7 +153,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run `leank` with `argv` (default: the process's arguments); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    x = _click_exceptions()
     if "LEANK_THREADS" not in os.environ:
         torch.set_num_threads(default_threads())
     command = typer.main.get_command(app)
@@ -172,7 +166,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             raise
         return _fail(str(e), 1)
-    except (KeyboardInterrupt, typer.Abort, getattr(x, "Abort", typer.Abort)):
+    except (KeyboardInterrupt, typer.Abort):
         if debug:
             raise
         sys.stdout.flush()
@@ -180,12 +174,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return code if isinstance(code, int) else 0
-    except x.UsageError as e:
+    except click_exceptions.UsageError as e:
         if type(e).__name__ == "NoArgsIsHelpError" or (e.ctx is not None and not argv):
             typer.echo(e.ctx.get_help())  # `leank` or `leank mask` alone: the help, and that is fine
             return 0
         return _fail(usage_message(e), 2)
-    except x.ClickException as e:
+    except click_exceptions.ClickException as e:
         return _fail(e.format_message(), e.exit_code)
     except MemoryError:
         if debug:

@@ -146,11 +146,11 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool = False,
     label = f"{what} {path}" if what else str(path)
     remove_stale_temporaries(target)
     tmp = temporary_path(target)
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise LeankError(f"{label}: cannot write ({e.strerror or e})") from None
-    try:
+    try:  # from the temporary's creation on, whatever happens (Ctrl-C included) ends in the finally below
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:
+            raise LeankError(f"{label}: cannot write ({e.strerror or e})") from None
         yield tmp
         _fsync(tmp)
         # checked again just before the rename: something else may have appeared meanwhile

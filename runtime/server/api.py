@@ -63,6 +63,12 @@ async def read_json(request: Request) -> dict:
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request holds a string that is not valid Unicode (a lone surrogate)") from None
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON") from None
     return data
 
 

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of `leank serve`, as a Starlette (ASGI) app over `slots.Engine`.
 
     POST /v1/chat/completions   messages, max_tokens, temperature, top_p, top_k, seed, stop, stream
+                                (llama-server's id_slot and ignore_eos too)
     POST /v1/completions        prompt (text or token ids), same options
     GET  /v1/models, GET /health, GET /slots
     POST /slots/{id}?action=save|restore|erase   {"filename": "name"} inside --slot-save-path
@@ -111,11 +112,15 @@ def parse_options(body: dict, default_max: int) -> dict:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)  # llama-server's: fixed-length replies for benchmarks
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
     slot = body.get("id_slot")
     if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
         raise ApiError(400, "'id_slot' must be an integer", "id_slot")
     return {"max_tokens": max_tokens, "sampling": sampling, "stop": stops, "stream": stream,
-            "include_usage": bool(opts.get("include_usage")), "id_slot": None if slot is None or slot < 0 else slot}
+            "include_usage": bool(opts.get("include_usage")), "ignore_eos": ignore_eos,
+            "id_slot": None if slot is None or slot < 0 else slot}
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -178,7 +183,7 @@ class Server:
                            "id_slot")
         loop = asyncio.get_running_loop()
         return Job(ids, min(opts["max_tokens"], self.context - len(ids)), opts["sampling"], opts["stop"], loop,
-                   asyncio.Queue(), slot_id=opts["id_slot"])
+                   asyncio.Queue(), slot_id=opts["id_slot"], ignore_eos=opts["ignore_eos"])
 
     @staticmethod
     def usage(done: dict) -> dict:

@@ -66,6 +66,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     slot_id: int | None = None  # ask for this slot (llama-server's id_slot)
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     cancelled: bool = False
     # filled in by the engine
     cached_tokens: int = 0
@@ -263,7 +264,7 @@ class Engine:
         token = sample(logits, job.sampling, job.generator)
         if not job.first_token_at:
             job.first_token_at = time.perf_counter()
-        if token in self.eog:
+        if token in self.eog and not job.ignore_eos:
             return self._finish(slot, "stop", flush=True)
         job.completion_tokens += 1
         text, stopped = job.matcher.push(job.decoder.push(token))

@@ -38,6 +38,7 @@ def _root(
 def _register() -> None:
     from leank.cli import chat, generate, info, perplexity  # noqa: F401
     from leank.cli import evaluate, serve  # noqa: F401
+    app.command("serve")(serve.serve)
     from leank.cli import convert, mask, mask_train  # noqa: F401
 
 

@@ -1,4 +1,6 @@
-"""`leank serve`: an OpenAI-compatible HTTP server (the app is `leank.runtime.server.api`)."""
+"""`leank serve`: an OpenAI-compatible HTTP server (the app is `leank.runtime.server.api`).
+
+A plain function, registered by `leank.cli.app` (it imports neither the app nor another command)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +9,12 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.app import app
 from leank.cli.common import (DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, RatioOpt, RecentOpt,
                               SinkOpt, VBitsOpt, err, load_model, policy_from_options)
+from leank.errors import LeankError
+from leank.runtime.server.api import make_app
 
 
-@app.command()
 def serve(
     model: ModelArg = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but 127.0.0.1 exposes the "
@@ -31,10 +33,7 @@ def serve(
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
 ):
     """Serve MODEL over HTTP with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    import uvicorn
-
-    from leank.errors import LeankError
-    from leank.runtime.server.api import make_app
+    import uvicorn  # the web server only when serving
 
     if slot_save_path is not None and not slot_save_path.is_dir():
         raise LeankError(f"--slot-save-path {slot_save_path}: no such folder")

@@ -2,8 +2,9 @@
 
 Each slot owns a one-sequence cache (dense or compressed, as the server's policy says) and the token
 ids it holds. A request takes an idle slot (the one whose cached tokens share the longest prefix with
-its prompt: a client that resends its history only feeds what is new), is prefilled alone, then joins
-the batch: every step feeds the last chosen token of each active slot as one (B, 1) forward pass, so
+its prompt: a client that resends its history only feeds what is new), is prefilled alone, PREFILL_CHUNK
+tokens between two decode steps (so a long prompt delays the other conversations' tokens, never stops
+them), then joins the batch: every step feeds the last chosen token of each active slot as one (B, 1) forward pass, so
 the weight matrices are read once for all of them (`leank.runtime.decode.step`). `BatchCache` gives
 that pass one cache per row (positions and attention are per sequence). Requests join and leave
 between steps; a cancelled request (the client went away) frees its slot at the next one.
@@ -27,6 +28,10 @@ from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.session import load_session, save_session
 from leank.runtime.decode import prefill, step
 from leank.runtime.generate import SamplingParams, StopMatcher, sample
+
+# Prompt tokens fed between two decode steps. A prompt up to this long is prefilled in one pass, exactly
+# as `Model.stream` does it (so the server's greedy replies equal the library's).
+PREFILL_CHUNK = 512
 
 
 class BatchCache:
@@ -88,6 +93,7 @@ class Slot:
         self.tokens: list[int] = []  # what the cache holds
         self.job: Job | None = None
         self.next_token: int | None = None  # chosen, not yet fed
+        self.todo: list[int] = []  # prompt tokens still to prefill
         self.last_used = 0.0
 
     def info(self) -> dict:
@@ -110,8 +116,10 @@ class Engine:
         self.model, self.policy = model, policy
         self.context = min(context or model.args.context_length, model.args.context_length)
         self.slots = [Slot(i, model.new_cache(policy=policy)) for i in range(parallel)]
-        self.pending: deque[Job] = deque()
-        self.lock = threading.Condition()  # guards slots and pending; the loop holds it for each step
+        self.pending: deque[Job] = deque()  # submitted, not yet seen by the loop (guarded by `wake`)
+        self.waiting: deque[Job] = deque()  # seen, waiting for a slot (the loop's own)
+        self.wake = threading.Condition()  # short: submitting, cancelling, waiting for work
+        self.lock = threading.RLock()  # the slots: held by the loop for each step, and by slot actions
         self.eog = model.tokenizer.eog_ids
         self.stopped = False
         self.thread = threading.Thread(target=self.run, name="leank-engine", daemon=True)
@@ -122,20 +130,20 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
-        with self.lock:
+        with self.wake:
             self.stopped = True
-            self.lock.notify_all()
+            self.wake.notify_all()
         self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
-        with self.lock:
+        with self.wake:
             self.pending.append(job)
-            self.lock.notify_all()
+            self.wake.notify_all()
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True  # read by the loop between steps
-        with self.lock:
-            self.lock.notify_all()
+        with self.wake:
+            self.wake.notify_all()
 
     def idle(self) -> int:
         return sum(s.job is None for s in self.slots)
@@ -177,22 +185,29 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
         while True:
-            with self.lock:
-                while not self.stopped and not self.pending and all(s.job is None for s in self.slots):
-                    self.lock.wait()
+            with self.wake:
+                while (not self.stopped and not self.pending and not self.waiting
+                       and all(s.job is None for s in self.slots)):
+                    self.wake.wait()
                 if self.stopped:
                     return
+                self.waiting.extend(self.pending)
+                self.pending.clear()
+            with self.lock:
                 self._drop_cancelled()
                 self._admit()
-                active = [s for s in self.slots if s.job is not None]
-                if active:
-                    self._step(active)
+                self._prefill_chunk()
+                decoding = [s for s in self.slots if s.job is not None and not s.todo]
+                if decoding:
+                    self._step(decoding)
 
     def _drop_cancelled(self) -> None:
-        self.pending = deque(j for j in self.pending if not j.cancelled)
+        self.waiting = deque(j for j in self.waiting if not j.cancelled)
         for s in self.slots:
             if s.job is not None and s.job.cancelled:
                 s.job, s.next_token = None, None
+                if s.todo:  # stopped inside its prompt: the cache holds what was fed
+                    s.todo = []
 
     def _pick(self, job: Job) -> Slot | None:
         idle = [s for s in self.slots if s.job is None]
@@ -203,37 +218,46 @@ class Engine:
         return max(idle, key=lambda s: (common_prefix(s.tokens, job.prompt_ids), -s.last_used))
 
     def _admit(self) -> None:
+        """Give waiting jobs idle slots, reusing each slot's longest common prefix."""
         waiting = deque()
-        while self.pending:
-            job = self.pending.popleft()
+        while self.waiting:
+            job = self.waiting.popleft()
             slot = self._pick(job)
             if slot is None:
                 waiting.append(job)
                 continue
-            try:
-                self._prefill(slot, job)
-            except Exception as e:  # never let one request take the loop down
-                slot.job, slot.next_token = None, None
-                slot.cache, slot.tokens = self.model.new_cache(policy=self.policy), []
-                job.emit("error", f"{type(e).__name__}: {e}")
-        self.pending = waiting
+            ids = job.prompt_ids
+            n = min(common_prefix(slot.tokens, ids), len(ids) - 1)  # at least one token is fed: its logits
+            if n < len(slot.tokens) and not self._truncate(slot.cache, n):
+                slot.cache, n = self.model.new_cache(policy=self.policy), 0
+            slot.tokens, slot.todo = ids[:n], ids[n:]
+            job.cached_tokens = n
+            slot.job, slot.last_used = job, time.perf_counter()
+            job.generator = None if job.sampling.seed is None else torch.Generator().manual_seed(job.sampling.seed)
+            job.decoder = self.model.tokenizer.stream_decoder()
+            job.matcher = StopMatcher(job.stop)
+        self.waiting = waiting
 
-    def _prefill(self, slot: Slot, job: Job) -> None:
-        ids = job.prompt_ids
-        n = min(common_prefix(slot.tokens, ids), len(ids) - 1)  # at least one token is fed: its logits
-        if n < len(slot.tokens) and not self._truncate(slot.cache, n):
-            slot.cache, n = self.model.new_cache(policy=self.policy), 0
-        slot.tokens = ids[:n]
-        job.cached_tokens = n
-        slot.job, slot.last_used = job, time.perf_counter()
-        job.generator = None if job.sampling.seed is None else torch.Generator().manual_seed(job.sampling.seed)
-        job.decoder = self.model.tokenizer.stream_decoder()
-        job.matcher = StopMatcher(job.stop)
+    def _prefill_chunk(self) -> None:
+        """Feed up to PREFILL_CHUNK prompt tokens of the slot that has waited longest for its prompt."""
+        filling = [s for s in self.slots if s.job is not None and s.todo]
+        if not filling:
+            return
+        slot = min(filling, key=lambda s: s.job.submitted)
+        job, chunk = slot.job, slot.todo[:PREFILL_CHUNK]
         t0 = time.perf_counter()
-        logits = prefill(self.model.transformer, slot.cache, torch.tensor([ids[n:]], dtype=torch.long))[0]
-        slot.tokens = list(ids)
-        job.prefill_seconds = time.perf_counter() - t0
-        self._chosen(slot, logits)
+        try:
+            logits = prefill(self.model.transformer, slot.cache, torch.tensor([chunk], dtype=torch.long))[0]
+        except Exception as e:  # never let one request take the loop down
+            slot.job, slot.next_token, slot.todo = None, None, []
+            slot.cache, slot.tokens = self.model.new_cache(policy=self.policy), []
+            job.emit("error", f"{type(e).__name__}: {e}")
+            return
+        job.prefill_seconds += time.perf_counter() - t0
+        slot.tokens += chunk
+        slot.todo = slot.todo[len(chunk):]
+        if not slot.todo:
+            self._chosen(slot, logits)
 
     @staticmethod
     def _truncate(cache, n: int) -> bool:

@@ -20,7 +20,7 @@ from rich.markup import escape
 from typer._click import exceptions as click_exceptions  # typer 0.29 carries its own click (pinned)
 from typing_extensions import Annotated
 
-from leank.cli import chat, convert, evaluate, generate, info, mask, mask_train, perplexity
+from leank.cli import chat, convert, evaluate, generate, info, mask, mask_train, perplexity, serve
 from leank.cli.options import DebugOpt, ThreadsOpt, default_threads
 from leank.cli.output import err
 from leank.errors import LeankError
@@ -33,6 +33,7 @@ COMMANDS = [
     ("eval", evaluate.eval_),
     ("convert", convert.convert),
     ("inspect", convert.inspect),
+    ("serve", serve.serve),
 ]
 MASK_COMMANDS = [
     ("show", mask.show),

@@ -68,6 +68,16 @@ class CompressedCache(KVCache):
         last = self.layers[-1]
         return last.full_len + last.middle_len
 
+    def truncate(self, n: int) -> bool:
+        """Forget every token after the first `n` if they all sit in the full region after the middle
+        (recent tokens: a reply to be regenerated); False, and nothing changed, when some were compressed."""
+        floor = max(st.middle_len + (self.policy.sink_tokens if st.middle_len else 0) for st in self.layers)
+        if n < floor:
+            return False
+        for st in self.layers:
+            st.full_len = min(st.full_len, n - st.middle_len)
+        return True
+
     # --- append / attend -----------------------------------------------------------------------------
     def _alloc_full(self, cap: int) -> torch.Tensor:
         return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)

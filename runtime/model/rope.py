@@ -100,6 +100,15 @@ class Rope:
         cis = None if self._cis is None else self._cis[start:end, None, :]
         return RopeTables(self._cos[start:end, None, :], self._sin[start:end, None, :], cis, self.mode)
 
+    def tables_at(self, positions: list[int]) -> "RopeTables":
+        """The rotation for one token per row at its own position (B,), shaped to broadcast over (B, 1, H, D)."""
+        end = max(positions) + 1
+        if end > self._cos.shape[0]:
+            self._extend(max(end, 2 * self._cos.shape[0]))
+        idx = torch.tensor(positions, dtype=torch.long, device=self._cos.device)
+        cis = None if self._cis is None else self._cis[idx][:, None, None, :]
+        return RopeTables(self._cos[idx][:, None, None, :], self._sin[idx][:, None, None, :], cis, self.mode)
+
 
 class RopeTables:
     """cos/sin (T, 1, d/2) (and complex cis for float32) for one forward pass."""

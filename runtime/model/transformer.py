@@ -124,8 +124,8 @@ class Transformer(nn.Module):
         "none" (hidden states after the final norm, (B, T, dim), for training and calibration).
         """
         B, T = tokens.shape
-        start = cache.seq_len
-        rope = self.rope.tables(start, T)
+        positions = getattr(cache, "positions", None)  # sequences at their own lengths, one token each (the server)
+        rope = self.rope.tables(cache.seq_len, T) if positions is None else self.rope.tables_at(positions)
         x = self.embed(tokens)
         for block in self.layers:
             x = block.forward(x, rope, cache)

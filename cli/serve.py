@@ -1,0 +1,50 @@
+"""`leank serve`: an OpenAI-compatible HTTP server (the app is `leank.runtime.server.api`).
+
+A plain function, registered by `leank.cli.app` (it imports neither the app nor another command)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, ModelOpt,
+                               RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, model_path,
+                               policy_from_options)
+from leank.cli.output import err
+from leank.errors import LeankError
+from leank.runtime.server.api import make_app
+
+
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but 127.0.0.1 exposes the "
+                                      "model to the network: set --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64,
+                                          help="Conversations decoded together, each with its own cache.")] = 1,
+    ctx: Annotated[Optional[int], typer.Option("--ctx-size", "-c", "--ctx", min=2, metavar="N", show_default=False,
+                                               help="Tokens per conversation (default: the model's context).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LEANK_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY'.", show_default=False)] = None,
+    slot_save_path: Annotated[Optional[Path], typer.Option("--slot-save-path", help="Folder for POST /slots/{id}"
+                                                           "?action=save|restore.", show_default=False)] = None,
+    kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
+    group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+    model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
+):
+    """Serve MODEL over HTTP with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import uvicorn  # the web server only when serving
+
+    if slot_save_path is not None and not slot_save_path.is_dir():
+        raise LeankError(f"--slot-save-path {slot_save_path}: no such folder")
+    m = load_model(model_path(model, model_option), device, dtype, quiet=True)
+    if ctx is not None and ctx > m.args.context_length:
+        raise LeankError(f"--ctx {ctx} is over the model's context of {m.args.context_length}")
+    policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    application = make_app(m, policy, parallel=parallel, context=ctx, api_key=api_key, slot_save_path=slot_save_path)
+    err.print(f"[bold]{m.path.name}[/] · KV cache: {policy.describe()} · {parallel} slot(s) · "
+              f"listening on http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)

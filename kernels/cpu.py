@@ -27,7 +27,7 @@ import torch
 
 from leank.kernels import reference
 
-SOURCES = ("cpu_decode.c", "cpu_matmul.c")
+SOURCES = ("cpu_decode.c", "cpu_matmul.c", "ggml_matmul.c")
 HEADERS = ("cpu_common.h",)
 HERE = Path(__file__).resolve().parent
 
@@ -95,6 +95,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.leank_qmatmul
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i64, p, i]  # type, w, row bytes, N, K, x, T, y, ldy, bias, threads
+    fn = lib.leank_ggml_matmul
+    fn.restype = i
+    fn.argtypes = [p, p, i64, p, i64, i, i, p, i, p, i64, p, i]  # dot, quantize, act row bytes, w, row bytes, N, K, x, T, y, ldy, bias, threads
     fn = lib.leank_dequantize_rows
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i]  # type, w, row bytes, N, K, ids, n, out, threads

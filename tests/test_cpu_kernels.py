@@ -163,6 +163,14 @@ def random_blocks(type_name: str, rows: int, k: int, seed: int = 0):
 BLOCK_TYPE_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
+@pytest.fixture
+def without_ggml(monkeypatch):
+    """QuantLinear on leank's own cpu_matmul.c (float32 activations), not ggml's kernels (test_ggml_cpu.py)."""
+    from leank.kernels import ggml_cpu
+
+    monkeypatch.setattr(ggml_cpu, "_state", {"loaded": None, "why": "turned off by the test"})
+
+
 @needs_lib
 @pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
 def test_block_decoding_matches_gguf_py(type_name):
@@ -181,7 +189,7 @@ def test_block_decoding_matches_gguf_py(type_name):
 @needs_lib
 @pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
+def test_quantized_matmul_matches_the_dequantized_product(type_name, rows, without_ggml):
     import gguf
 
     from leank.runtime.linear import QuantLinear
@@ -195,7 +203,7 @@ def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
 
 
 @needs_lib
-def test_quant_linear_parts_bias_and_long_inputs():
+def test_quant_linear_parts_bias_and_long_inputs(without_ggml):
     """q, k and v of different types stay separate parts; prompts (many rows) take the float32 path."""
     import gguf
 

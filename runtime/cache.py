@@ -105,6 +105,13 @@ def grow(buf: torch.Tensor | None, used: int, needed: int, shape_fn, dim: int) -
     return new
 
 
+def kv_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """What a cache stores unquantized K and V in: float16 for a float32 model on a CPU, else the compute
+    dtype. float16 halves the bytes of float32, and is what llama.cpp's default f16 cache and a GPU user
+    hold; the C attention kernels read it and sum in float32 (`leank.kernels.cpu`)."""
+    return torch.float16 if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Attention of the last T positions' queries q (B, Hq, T, D) over keys/values (B, Hkv, S, D).
 
@@ -117,7 +124,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     gqa = Hq != Hkv
     if T == 1:  # decode: the query sees every key; C kernels on a float32 CPU, else SDPA
         out = cpu_kernels.decode_attention(q, k, v, scale)
-        return out if out is not None else F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if out is not None:
+            return out
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 CPU cache under float32 queries (`kv_dtype`)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     past = S - T
     out = torch.empty_like(q)
     for i0 in range(0, T, QUERY_CHUNK):
@@ -133,12 +144,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 class DenseCache(KVCache):
-    """Every past key and value kept as computed, in `dtype` (the model's compute dtype by default)."""
+    """Every past key and value kept as computed, in `kv_dtype(device, dtype)` (`dtype`: the model's
+    compute dtype)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int = 1, *,
                  device="cpu", dtype=torch.float32, capacity: int = 0):
         self.n_layers, self.n_kv_heads, self.head_dim, self.batch = n_layers, n_kv_heads, head_dim, batch
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_dtype = kv_dtype(self.device, dtype)
         self.capacity_hint = capacity
         self.reset()
 
@@ -152,7 +165,7 @@ class DenseCache(KVCache):
         return self.lengths[-1]
 
     def _alloc(self, cap: int) -> torch.Tensor:
-        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
+        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.kv_dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, T = self.lengths[layer], k.shape[2]
@@ -172,7 +185,7 @@ class DenseCache(KVCache):
         self.lengths = [min(length, n) for length in self.lengths]
 
     def nbytes(self) -> CacheBytes:
-        per_elem = torch.finfo(self.dtype).bits // 8
+        per_elem = torch.finfo(self.kv_dtype).bits // 8
         used = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * per_elem for n in self.lengths)
         alloc = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
         fp16 = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * 2 for n in self.lengths)

@@ -5,6 +5,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from leank.runtime.config import ModelArgs, read_model_args
 from leank.runtime.gguf_file import GGUFFile
 
@@ -68,7 +70,8 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
     from leank.convert.schema import read_leank_metadata
     from leank.kernels.dispatch import active_path
     from leank.runtime.linear import weights_path
-    from leank.runtime.engine import resolve_device
+    from leank.runtime.cache import kv_dtype
+    from leank.runtime.engine import resolve_device, resolve_dtype
     from leank.runtime.policy import build_policy
 
     h = path if isinstance(path, ModelHeader) else open_header(path)
@@ -102,8 +105,8 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
         "tensor_types": dict(types.most_common()),
         "attention_path": active_path(device),
         "weights_path": weights_path(dict(types), device),
-        # full region in the compute dtype: float32 on CPU, float16 on CUDA
-        "kv_cache": kv_summary(policy, a, ctx, 4 if device.type == "cpu" else 2),
+        # the full region as the cache stores it (`kv_dtype`: float16 on CPU and CUDA)
+        "kv_cache": kv_summary(policy, a, ctx, torch.finfo(kv_dtype(device, resolve_dtype(None, device))).bits // 8),
         "policy": policy.as_dict(),
     }
     meta = read_leank_metadata(f, a)

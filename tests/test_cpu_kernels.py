@@ -14,13 +14,14 @@ LIB = cpu.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C kernels unavailable: {cpu.unavailable_reason()}")
 
 
-def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0):
-    """Random queries, full region and middle groups (kept counts per KV head; 0 = no middle)."""
+def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0, kv_dtype=torch.float32):
+    """Random queries, full region and middle groups (kept counts per KV head; 0 = no middle); the full
+    region and unquantized middle rows in `kv_dtype`."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * R, 1, D, generator=gen)
     # full region as slices of larger buffers, as the cache holds them
-    fk = (torch.randn(B, Hkv, F + 7, D, generator=gen) * 2)[:, :, :F]
-    fv = torch.randn(B, Hkv, F + 7, D, generator=gen)[:, :, :F]
+    fk = (torch.randn(B, Hkv, F + 7, D, generator=gen) * 2).to(kv_dtype)[:, :, :F]
+    fv = torch.randn(B, Hkv, F + 7, D, generator=gen).to(kv_dtype)[:, :, :F]
     groups = []
     for c in sorted(set(counts) - {0}):
         heads = torch.tensor([h for h in range(Hkv) if counts[h] == c])
@@ -29,11 +30,11 @@ def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0):
         v = torch.randn(B, len(heads), M, D, generator=gen)
         g = MiddleGroup(heads, channels, None, None)
         if k_bits == 16:
-            g.k = k
+            g.k = k.to(kv_dtype)
         else:
             g.k, g.k_scale, g.k_min = quantize_k(k, k_bits, G)
         if v_bits == 16:
-            g.v = v
+            g.v = v.to(kv_dtype)
         else:
             g.v, g.v_scale, g.v_min = quantize_v(v, v_bits, G)
         groups.append(g)
@@ -55,9 +56,10 @@ CASES = [
 @needs_lib
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_kernel_matches_reference_into_poisoned_output(case, threads):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference_into_poisoned_output(case, threads, kv_dtype):
     B, Hkv, R, D, F, M, G, kb, vb, counts = case
-    q, fk, fv, groups = make_layer(*case)
+    q, fk, fv, groups = make_layer(*case, kv_dtype=kv_dtype)
     ref = reference.compressed_attention(q, fk, fv, groups, M, kb, vb, G, 0.11)
     out = torch.full(q.shape, float("nan"))
     cpu._attend(LIB, q, fk, fv, groups, M, kb, vb, G, 0.11, out, threads=threads)

@@ -24,11 +24,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--decode-from", type=int, default=64)
+    ap.add_argument("--decode-from", type=int, default=448)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without weight repacking / AMX "
+                    "(its AMX product segfaults on some VMs; see bench/decode_cpu.py)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import llama_cpp
+    import llama_cpp.llama_cpp as capi
 
     import leank
     from leank.kernels import ggml_cpu
@@ -40,6 +43,15 @@ def main() -> None:
     ids = ids[: a.tokens]
     ours = m.perplexity(ids)["perplexity"]
     ours_decode = m.perplexity(ids, decode_from=a.decode_from)["perplexity"]
+    if a.no_extra_bufts:
+        default = capi.llama_model_default_params
+
+        def without_extra_bufts():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        capi.llama_model_default_params = without_extra_bufts
     llm = llama_cpp.Llama(str(m.path), n_ctx=a.tokens + 8, logits_all=True, verbose=False, n_threads=a.threads)
     llm.eval(ids)
     logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)

@@ -31,7 +31,8 @@ def main() -> None:
 
     import leank
     from leank.runtime import model as model_mod
-    from leank.runtime.linear import QuantLinear, weights_path
+    from leank.kernels import ggml_cpu
+    from leank.runtime.linear import QuantLinear
 
     m = leank.load(a.model, device="cpu")
     cache = m.new_cache() if a.kv is None else m.new_cache(policy=leank.runtime.policy.build_policy(m, kv=a.kv))
@@ -77,7 +78,7 @@ def main() -> None:
             m.transformer(ids[:, i % a.ctx : i % a.ctx + 1], cache)
         total = time.perf_counter() - t0
     step = total / a.steps
-    print(f"matrices: {m.info().get('weights_path', '') if hasattr(m, 'info') else ''}")
+    print(f"matrices: {ggml_cpu.matmul_path()}")
     print(f"{a.steps} steps after {a.ctx} tokens, {a.threads} threads: {step * 1e3:.1f} ms a step")
     print("| part | calls a step | ms a step | share | GB/s of blocks |")
     print("|---|---:|---:|---:|---:|")

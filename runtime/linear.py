@@ -19,10 +19,11 @@ from leank.kernels import cpu, ggml_cpu
 WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
 
 # Up to this many rows of activations, quantized matrices multiply in C straight from their blocks;
-# more rows (a prompt) amortize decoding the matrix to float32 once for a BLAS matmul. With ggml's row
-# kernels, one layer of the 1.5B Qwen2.5-Coder (2 threads, this project's VM at load 7-9): 32 rows
-# 220 ms direct vs 352 ms decoded + BLAS, 512 rows 1360 vs 796 ms.
-QUANT_DIRECT_ROWS = 32
+# more rows (a prompt) amortize decoding the matrix to float32 once for a BLAS matmul.
+QUANT_DIRECT_ROWS = 8
+# The same with ggml's row kernels: one layer of the 1.5B Qwen2.5-Coder (2 threads, this project's VM
+# at load 7-9): 32 rows 220 ms direct vs 352 ms decoded + BLAS, 512 rows 1360 vs 796 ms.
+GGML_DIRECT_ROWS = 32
 
 
 def fp16_kernels_available() -> bool:
@@ -95,12 +96,14 @@ class QuantLinear(Linear):
             fn, fixed = ggml_cpu.bind(t, b, in_features) or (self._lib.leank_qmatmul, (t, b.data_ptr(), b.shape[1], b.shape[0], in_features))
             self._calls.append((fn, fixed, col))
             col += b.shape[0]
+        ggml = all(fn.__name__ == "leank_ggml_matmul" for fn, _, _ in self._calls)
+        self._direct_rows = GGML_DIRECT_ROWS if ggml else QUANT_DIRECT_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
         T = x2.shape[0]
-        if T > QUANT_DIRECT_ROWS:
+        if T > self._direct_rows:
             return F.linear(x2.float(), self.weight, self.bias).view(*lead, self._out)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()

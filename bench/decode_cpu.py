@@ -26,9 +26,12 @@ HERE = Path(__file__).resolve().parent
 PROSE = HERE.parent / "tests" / "data" / "prose.txt"
 POLICIES = {
     "dense": {},
+    "leank": dict(kv="leank"),  # the default compressed cache (`--kv leank`)
     "kivi4": dict(kv="kivi", k_bits=4, v_bits=4),
     "leank0.7+kivi2": dict(kv="leank+kivi", ratio=0.7, k_bits=2, v_bits=2),
 }
+# llama.cpp caches: name -> (type_k = type_v GGML id, flash attention); a quantized V needs flash attention
+LLAMA_CACHES = {"f16": (1, False), "q8_0": (8, True), "q4_0": (2, True)}
 
 
 def peak_rss_mib() -> float:
@@ -74,11 +77,23 @@ def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str
             "cache_ratio_vs_fp16": b.ratio}
 
 
-def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int) -> dict:
+def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int, cache: str, extra_bufts: bool) -> dict:
     import llama_cpp
+    import llama_cpp.llama_cpp as capi
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False)
+    if not extra_bufts:  # Llama() has no argument for it: set it in the default parameters it starts from
+        default = capi.llama_model_default_params
+
+        def without_extra_bufts():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        capi.llama_model_default_params = without_extra_bufts
+    type_kv, flash = LLAMA_CACHES[cache]
+    llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False,
+                          type_k=type_kv, type_v=type_kv, flash_attn=flash)
 
     def last_logits():  # without logits_all, llama-cpp-python keeps no scores: read the context's last row
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
@@ -94,7 +109,7 @@ def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int) -> di
         llm.eval([token])
         token = int(np.argmax(last_logits()))
     decode = time.perf_counter() - t1
-    return {"engine": "llama.cpp", "policy": "f16 cache", "ctx": ctx, "prefill_tok_s": ctx / prefill,
+    return {"engine": "llama.cpp", "policy": f"{cache} cache", "ctx": ctx, "prefill_tok_s": ctx / prefill,
             "decode_tok_s": tokens / decode, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -105,6 +120,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--policy", action="append", choices=list(POLICIES), help="leank cache policies")
+    ap.add_argument("--llama-cache", action="append", choices=list(LLAMA_CACHES),
+                    help="llama.cpp cache types (default f16; q8_0 and q4_0 run with flash attention)")
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="llama.cpp without its extra buffer types (weight repacking, AMX): its AMX matrix "
+                         "product segfaults on some VMs (this project's Xeon VM, 2026-12-02)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds; every engine runs once per round (default 1)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -117,7 +137,7 @@ def main() -> None:
         if engine == "leank":
             out = worker_leank(a.model, int(ctx), int(tokens), policy)
         else:
-            out = worker_llama_cpp(a.model, int(ctx), int(tokens), a.threads)
+            out = worker_llama_cpp(a.model, int(ctx), int(tokens), a.threads, policy, not a.no_extra_bufts)
         print(json.dumps(out))
         return
     if a.model is None:
@@ -127,19 +147,19 @@ def main() -> None:
     rows = []
     for rnd in range(a.repeat):
         for ctx in a.ctx or [512, 4096]:
-            jobs = [("llama.cpp", "-")] + [("leank", p) for p in (a.policy or list(POLICIES))]
+            jobs = [("llama.cpp", c) for c in (a.llama_cache or ["f16"])] + [("leank", p) for p in (a.policy or list(POLICIES))]
             for engine, policy in jobs:
                 cmd = [sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
-                       "--worker", engine, str(ctx), str(a.tokens), policy]
+                       "--worker", engine, str(ctx), str(a.tokens), policy] + (["--no-extra-bufts"] if a.no_extra_bufts else [])
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:
                     print(r.stderr, file=sys.stderr)
                     raise SystemExit(f"{engine} {policy} at {ctx} failed")
                 row = json.loads(r.stdout.strip().splitlines()[-1])
-                row["round"] = rnd
+                row["round"], row["load1"] = rnd, os.getloadavg()[0]
                 rows.append(row)
                 print(f"round {rnd} {row['engine']:>9} {row['policy']:>15} ctx {ctx:>5}: decode {row['decode_tok_s']:6.1f} tok/s, "
-                      f"prefill {row['prefill_tok_s']:6.1f} tok/s, peak RSS {row['peak_rss_mib']:6.0f} MiB", flush=True)
+                      f"prefill {row['prefill_tok_s']:6.1f} tok/s, peak RSS {row['peak_rss_mib']:6.0f} MiB, load {row['load1']:.1f}", flush=True)
     print()
     print("| engine | cache | context | decode tok/s (median) | vs llama.cpp (median of rounds) | vs leank dense | prefill tok/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -160,7 +180,8 @@ def main() -> None:
               f"{ratio(mine, 'llama.cpp', 'f16 cache'):.2f}x | {vs_dense} | "
               f"{statistics.median(r['prefill_tok_s'] for r in mine):.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} |")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "rounds": a.repeat, "model": a.model}
+            "cpus": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "rounds": a.repeat, "model": a.model,
+            "llama_extra_bufts": not a.no_extra_bufts, "load_at_end": os.getloadavg()}
     print(f"\n{meta}")
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)

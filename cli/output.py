@@ -36,7 +36,7 @@ def versus_fp16(ratio: float) -> str:
         return "empty"
     if ratio >= 1:
         return f"{ratio:.2f}x smaller than fp16"
-    return f"{1 / ratio:.2f}x larger than fp16 (full-precision tokens are float32 on CPU)"
+    return f"{1 / ratio:.2f}x larger than fp16 (its full-precision tokens are float32)"
 
 
 def cache_summary(policy, c: dict) -> str:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
+
 from leank.kernels.dispatch import active_path
 from leank.masks.choose import build_policy
+from leank.runtime.cache.base import kv_dtype
 from leank.runtime.cache.plan import kv_summary
-from leank.runtime.engine import ModelHeader, open_header, resolve_device
+from leank.runtime.engine import ModelHeader, open_header, resolve_device, resolve_dtype
 from leank.runtime.gguf.reader import GGUFFile
 from leank.runtime.gguf.schema import read_leank_metadata
 from leank.runtime.model.linear import weights_path
@@ -49,8 +52,8 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
         "tensor_types": dict(types.most_common()),
         "attention_path": active_path(device),
         "weights_path": weights_path(dict(types), device),
-        # full region in the compute dtype: float32 on CPU, float16 on CUDA
-        "kv_cache": kv_summary(policy, a, ctx, 4 if device.type == "cpu" else 2),
+        # the full region as the cache stores it (`kv_dtype`: float16 on CPU and CUDA)
+        "kv_cache": kv_summary(policy, a, ctx, torch.finfo(kv_dtype(device, resolve_dtype(None, device))).bits // 8),
         "policy": policy.as_dict(),
     }
     meta = read_leank_metadata(f, a)

@@ -27,7 +27,7 @@ import torch
 
 from leank.kernels import reference
 
-SOURCES = ("cpu_decode.c", "cpu_matmul.c")
+SOURCES = ("cpu_decode.c", "cpu_matmul.c", "ggml_matmul.c")
 HEADERS = ("cpu_common.h",)
 HERE = Path(__file__).resolve().parent
 
@@ -90,11 +90,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.leank_attend_layer
     fn.restype = i
     fn.argtypes = [p, p, i, i, i, i, f,  # q, out, B, Hkv, R, D, scale
-                   p, p, i64, i64, i64, i,  # full k, v, strides (sequence, head, token), F
+                   p, p, i, i64, i64, i64, i,  # full k, v, float16?, strides (sequence, head, token), F
                    i, i, i, i, p, i]  # M, G, k_bits, v_bits, heads table, threads
     fn = lib.leank_qmatmul
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i64, p, i]  # type, w, row bytes, N, K, x, T, y, ldy, bias, threads
+    fn = lib.leank_ggml_matmul
+    fn.restype = i
+    fn.argtypes = [p, p, i64, p, i64, i, i, p, i, p, i64, p, i]  # dot, quantize, act row bytes, w, row bytes, N, K, x, T, y, ldy, bias, threads
     fn = lib.leank_dequantize_rows
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i]  # type, w, row bytes, N, K, ids, n, out, threads
@@ -139,7 +142,9 @@ def _ptr(t: torch.Tensor, *index: int) -> int:
 def _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens) -> bool:
     if q.device.type != "cpu" or q.shape[2] != 1 or full_lens is not None or middle_lens is not None:
         return False
-    if q.dtype != torch.float32 or full_k.dtype != torch.float32 or full_v.dtype != torch.float32:
+    # K/V in float32, or float16 (the CPU cache's storage, `leank.runtime.cache.kv_dtype`): read as
+    # float16, summed in float32
+    if q.dtype != torch.float32 or full_k.dtype not in (torch.float32, torch.float16) or full_v.dtype != full_k.dtype:
         return False
     if full_k.stride() != full_v.stride() or full_k.stride(3) != 1:
         return False
@@ -149,7 +154,7 @@ def _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, ful
     if middle_len:
         for g in groups:
             for t, bits in ((g.k, k_bits), (g.v, v_bits)):
-                if t.stride(3) != 1 or (bits == 16 and t.dtype != torch.float32) or (bits < 16 and t.dtype != torch.uint8):
+                if t.stride(3) != 1 or (bits == 16 and t.dtype != full_k.dtype) or (bits < 16 and t.dtype != torch.uint8):
                     return False
             for t in (g.k_scale, g.k_min, g.v_scale, g.v_min):
                 if t is not None and (t.dtype != torch.float16 or t.stride(3) != 1 or t.stride(2) != t.shape[3]):
@@ -234,7 +239,7 @@ def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, s
     table = _heads_table(groups, B, Hkv, middle_len)
     sb, sh, st, _ = full_k.stride()
     rc = lib.leank_attend_layer(qc.data_ptr(), out.data_ptr(), B, Hkv, R, D, scale, full_k.data_ptr(), full_v.data_ptr(),
-                                sb, sh, st, F, middle_len, group, k_bits, v_bits, table,
+                                int(full_k.dtype == torch.float16), sb, sh, st, F, middle_len, group, k_bits, v_bits, table,
                                 torch.get_num_threads() if threads is None else threads)
     if rc != 0:
         raise RuntimeError(f"leank_attend_layer rejected its arguments (B={B}, Hkv={Hkv}, R={R}, D={D}, G={group})")

@@ -32,6 +32,15 @@ static inline float leank_half_to_float(uint16_t h) {
 }
 #endif
 
+/* n float16 values -> float32 (F16C: eight per instruction) */
+static inline void leank_halves_to_floats(const uint16_t *restrict h, float *restrict f, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = leank_half_to_float(h[i]);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 static inline float leank_hsum(__m256 acc) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));

@@ -3,16 +3,17 @@
    Built on first use by leank/kernels/cpu.py (cc -O3 -march=native) and called through ctypes; the torch
    reference in leank/kernels/reference.py defines the result and the tests compare the two.
 
-   Layout (see reference.py): the full region holds F tokens of K and V in float32; the middle region
-   M tokens (a multiple of the quantization group G) of K restricted to c kept channels and V of all D
-   channels, each either float32 (16 "bits": kept exactly) or KIVI codes bit-packed along the channel
+   Layout (see reference.py): the full region holds F tokens of K and V in float32 or float16 (`half`);
+   the middle region M tokens (a multiple of the quantization group G) of K restricted to c kept channels
+   and V of all D channels, each either unquantized (16 "bits", the full region's type) or KIVI codes bit-packed along the channel
    axis with float16 scale and min: K per channel over groups of G tokens, V per token over groups of G
    channels. One softmax spans both regions.
 
    The quantized values are never written out as floats: for K the scale of a token group is folded into
    the query (q_i * scale_i) and its min into a per-group bias (sum_i q_i * min_i); for V the weight of
    a token is folded into its per-group scale (p_t * scale_tg) and the mins are summed separately. Codes
-   are expanded a byte at a time through a lookup table into a small tile. */
+   are expanded a byte at a time through a lookup table into a small tile; float16 rows are converted
+   into the same tile, a few tokens at a time, so every sum is in float32 while memory holds half. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -172,7 +173,8 @@ typedef struct {
     const float *q;
     int R, D;
     float scale;
-    const float *fk, *fv;
+    int half; /* full region and unquantized middle rows are float16 (else float32) */
+    const void *fk, *fv;
     int64_t f_stride;
     int F, M, G;
     const void *mk;
@@ -186,6 +188,20 @@ typedef struct {
     int v_bits;
     const uint16_t *vs, *vm;
 } Head;
+
+/* rows [t, t + n) of a region whose rows are ld elements apart, d values each, as float32: the rows
+   themselves (ld floats apart) when the region is float32, else converted into buf (d floats apart) */
+static inline const float *float_rows(const void *base, int half, int64_t t, int64_t ld, int n, int d, float *buf,
+                                      int64_t *ld_out) {
+    if (!half) {
+        *ld_out = ld;
+        return (const float *)base + t * ld;
+    }
+    const uint16_t *h = (const uint16_t *)base + t * ld;
+    for (int i = 0; i < n; i++) leank_halves_to_floats(h + i * ld, buf + (int64_t)i * d, d);
+    *ld_out = d;
+    return buf;
+}
 
 /* Softmax pieces over tokens [t0, t1) of the sequence full ++ middle (middle bounds multiples of G):
    per query row the maximum score m, the sum l of exp(score - m) and o = sum exp(score - m) v.
@@ -202,15 +218,17 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
     const int fend = t1 < F ? t1 : F;
 #if defined(__AVX2__) && defined(__FMA__)
     for (; t + 8 <= fend; t += 8) {
-        const float *k = h->fk + (int64_t)t * h->f_stride;
+        int64_t ld;
+        const float *k = float_rows(h->fk, h->half, t, h->f_stride, 8, D, tile, &ld);
         for (int r = 0; r < R; r++) {
-            __m256 s8 = dots8(h->q + r * D, k, h->f_stride, D);
+            __m256 s8 = dots8(h->q + r * D, k, ld, D);
             _mm256_storeu_ps(scores + r * n + t - t0, _mm256_mul_ps(s8, _mm256_set1_ps(h->scale)));
         }
     }
 #endif
     for (; t < fend; t++) {
-        const float *k = h->fk + (int64_t)t * h->f_stride;
+        int64_t ld;
+        const float *k = float_rows(h->fk, h->half, t, h->f_stride, 1, D, tile, &ld);
         for (int r = 0; r < R; r++) scores[r * n + t - t0] = leank_dot(h->q + r * D, k, D) * h->scale;
     }
     /* scores: middle region, tokens [m0, m1) */
@@ -221,10 +239,11 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
             for (int i = c; i < c8; i++) qc[r * c8 + i] = 0.0f, qs[r * c8 + i] = 0.0f;
         }
         if (h->k_bits == 16) {
-            const float *K = (const float *)h->mk;
-            for (int t = m0; t < m1; t++)
-                for (int r = 0; r < R; r++)
-                    scores[r * n + F + t - t0] = leank_dot(qc + r * c8, K + (int64_t)t * h->mk_stride, c) * h->scale;
+            for (int t = m0; t < m1; t++) {
+                int64_t ld;
+                const float *k = float_rows(h->mk, h->half, t, h->mk_stride, 1, c, tile, &ld);
+                for (int r = 0; r < R; r++) scores[r * n + F + t - t0] = leank_dot(qc + r * c8, k, c) * h->scale;
+            }
         } else {
             const uint8_t *K = (const uint8_t *)h->mk;
             for (int j = m0 / G; j < m1 / G; j++) {
@@ -293,14 +312,17 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
     for (int t = t0; t < (t1 < F ? t1 : F); t += TB) {
         int nt = (t1 < F ? t1 : F) - t;
         nt = nt < TB ? nt : TB;
-        accumulate(o, R, D, G, scores + (t - t0), n, 0, h->fv + (int64_t)t * h->f_stride, h->f_stride, nt);
+        int64_t ld;
+        const float *v = float_rows(h->fv, h->half, t, h->f_stride, nt, D, tile, &ld);
+        accumulate(o, R, D, G, scores + (t - t0), n, 0, v, ld, nt);
     }
     if (m1 > m0) {
         if (h->v_bits == 16) {
-            const float *V = (const float *)h->mv;
             for (int t = m0; t < m1; t += TB) {
                 int nt = m1 - t < TB ? m1 - t : TB;
-                accumulate(o, R, D, G, scores + (F + t - t0), n, 0, V + (int64_t)t * h->mv_stride, h->mv_stride, nt);
+                int64_t ld;
+                const float *v = float_rows(h->mv, h->half, t, h->mv_stride, nt, D, tile, &ld);
+                accumulate(o, R, D, G, scores + (F + t - t0), n, 0, v, ld, nt);
             }
         } else {
             const uint8_t *V = (const uint8_t *)h->mv;
@@ -334,12 +356,13 @@ enum { H_MK, H_MK_STRIDE, H_KS, H_KM, H_CH, H_C, H_MV, H_MV_STRIDE, H_VS, H_VM, 
 
 /* Decode attention of one layer: every sequence b < B and KV head h < Hkv, R query rows each.
    q, out: (B, Hkv, R, D) float32 contiguous. Full region: K/V element (b, h, t, d) at
-   b*sb + h*sh + t*st + d floats from fk/fv. Middle region: M tokens; heads[(b*Hkv + h)*H_FIELDS + ...]
+   b*sb + h*sh + t*st + d elements from fk/fv, float16 when `half` (as are unquantized middle rows).
+   Middle region: M tokens; heads[(b*Hkv + h)*H_FIELDS + ...]
    gives each head's buffers (H_C = 0: the head keeps no channel and attends to the full region only).
    The tokens of every head are cut into chunks spread over `threads` OpenMP threads, then merged by
    log-sum-exp. Returns 0, or -1 for arguments it does not handle (the caller checks them first). */
 int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D, float scale,
-                       const float *fk, const float *fv, int64_t sb, int64_t sh, int64_t st, int F,
+                       const void *fk, const void *fv, int half, int64_t sb, int64_t sh, int64_t st, int F,
                        int M, int G, int k_bits, int v_bits, const int64_t *heads, int threads) {
     if (!lut_ready) init_luts();
     if (B <= 0 || Hkv <= 0 || R <= 0 || R > 64 || D <= 0 || D > MAX_D || D % 8 || F < 0 || M < 0 || G <= 0 ||
@@ -382,7 +405,9 @@ int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D,
         const int64_t *e = heads + (int64_t)bh * H_FIELDS;
         int c = (int)e[H_C];
         int hasmid = c > 0 && M > 0;
-        Head h = {q + (int64_t)bh * R * D, R, D, scale, fk + b * sb + hh * sh, fv + b * sb + hh * sh, st, F,
+        const int64_t off = b * sb + hh * sh, esz = half ? 2 : 4;
+        Head h = {q + (int64_t)bh * R * D, R, D, scale, half, (const char *)fk + off * esz,
+                  (const char *)fv + off * esz, st, F,
                   hasmid ? M : 0, G, (const void *)(intptr_t)e[H_MK], e[H_MK_STRIDE], k_bits,
                   (const uint16_t *)(intptr_t)e[H_KS], (const uint16_t *)(intptr_t)e[H_KM],
                   (const int64_t *)(intptr_t)e[H_CH], c, (const void *)(intptr_t)e[H_MV], e[H_MV_STRIDE], v_bits,

@@ -32,13 +32,14 @@ def random_mask(n_layers, n_kv_heads, head_dim, align=8, generator=None):
 
 
 def drive(cache, steps, q_heads, prefill=0, generator=None, batch=1):
-    """Feed a prefill of `prefill` tokens, then `steps` single tokens; yield (q, k, v, out) per call."""
+    """Feed a prefill of `prefill` tokens, then `steps` single tokens; yield (q, k, v, out) per call. Keys and
+    values are drawn as the cache stores them (`kv_dtype`: float16 on CPU), so references see the same."""
     layers, H, D = cache.n_layers, cache.n_kv_heads, cache.head_dim
     sizes = ([prefill] if prefill else []) + [1] * steps
     for T in sizes:
         for layer in range(layers):
-            k = torch.randn(batch, H, T, D, generator=generator) * 2
-            v = torch.randn(batch, H, T, D, generator=generator)
+            k = (torch.randn(batch, H, T, D, generator=generator) * 2).to(cache.kv_dtype).float()
+            v = torch.randn(batch, H, T, D, generator=generator).to(cache.kv_dtype).float()
             q = torch.randn(batch, q_heads, T, D, generator=generator)
             cache.append(layer, k, v)
             yield layer, q, k, v, cache.attend(layer, q)
@@ -160,7 +161,7 @@ def test_nbytes_equals_tensor_sizes_and_plan(kbits, vbits):
                     total += t[:, :, : M // per].numel() * t.element_size()
     assert b.total == total
     assert b.tokens == 176
-    plan = planned_nbytes(policy, args, 176, batch=2, full_bytes_per_element=4)
+    plan = planned_nbytes(policy, args, 176, batch=2, full_bytes_per_element=cache.kv_dtype.itemsize)
     assert (plan.full, plan.middle_k, plan.middle_v, plan.scales) == (b.full, b.middle_k, b.middle_v, b.scales)
 
 

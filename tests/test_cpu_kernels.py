@@ -14,13 +14,14 @@ LIB = cpu.library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"C kernels unavailable: {cpu.unavailable_reason()}")
 
 
-def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0):
-    """Random queries, full region and middle groups (kept counts per KV head; 0 = no middle)."""
+def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0, kv_dtype=torch.float32):
+    """Random queries, full region and middle groups (kept counts per KV head; 0 = no middle); the full
+    region and unquantized middle rows in `kv_dtype`."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * R, 1, D, generator=gen)
     # full region as slices of larger buffers, as the cache holds them
-    fk = (torch.randn(B, Hkv, F + 7, D, generator=gen) * 2)[:, :, :F]
-    fv = torch.randn(B, Hkv, F + 7, D, generator=gen)[:, :, :F]
+    fk = (torch.randn(B, Hkv, F + 7, D, generator=gen) * 2).to(kv_dtype)[:, :, :F]
+    fv = torch.randn(B, Hkv, F + 7, D, generator=gen).to(kv_dtype)[:, :, :F]
     groups = []
     for c in sorted(set(counts) - {0}):
         heads = torch.tensor([h for h in range(Hkv) if counts[h] == c])
@@ -29,11 +30,11 @@ def make_layer(B, Hkv, R, D, F, M, G, k_bits, v_bits, counts, seed=0):
         v = torch.randn(B, len(heads), M, D, generator=gen)
         g = MiddleGroup(heads, channels, None, None)
         if k_bits == 16:
-            g.k = k
+            g.k = k.to(kv_dtype)
         else:
             g.k, g.k_scale, g.k_min = quantize_k(k, k_bits, G)
         if v_bits == 16:
-            g.v = v
+            g.v = v.to(kv_dtype)
         else:
             g.v, g.v_scale, g.v_min = quantize_v(v, v_bits, G)
         groups.append(g)
@@ -55,9 +56,10 @@ CASES = [
 @needs_lib
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_kernel_matches_reference_into_poisoned_output(case, threads):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference_into_poisoned_output(case, threads, kv_dtype):
     B, Hkv, R, D, F, M, G, kb, vb, counts = case
-    q, fk, fv, groups = make_layer(*case)
+    q, fk, fv, groups = make_layer(*case, kv_dtype=kv_dtype)
     ref = reference.compressed_attention(q, fk, fv, groups, M, kb, vb, G, 0.11)
     out = torch.full(q.shape, float("nan"))
     cpu._attend(LIB, q, fk, fv, groups, M, kb, vb, G, 0.11, out, threads=threads)
@@ -163,6 +165,14 @@ def random_blocks(type_name: str, rows: int, k: int, seed: int = 0):
 BLOCK_TYPE_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
+@pytest.fixture
+def without_ggml(monkeypatch):
+    """QuantLinear on leank's own cpu_matmul.c (float32 activations), not ggml's kernels (test_ggml_cpu.py)."""
+    from leank.kernels import ggml_cpu
+
+    monkeypatch.setattr(ggml_cpu, "_state", {"loaded": None, "why": "turned off by the test"})
+
+
 @needs_lib
 @pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
 def test_block_decoding_matches_gguf_py(type_name):
@@ -181,7 +191,7 @@ def test_block_decoding_matches_gguf_py(type_name):
 @needs_lib
 @pytest.mark.parametrize("type_name", BLOCK_TYPE_NAMES)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
+def test_quantized_matmul_matches_the_dequantized_product(type_name, rows, without_ggml):
     import gguf
 
     from leank.runtime.model.linear import QuantLinear
@@ -195,7 +205,7 @@ def test_quantized_matmul_matches_the_dequantized_product(type_name, rows):
 
 
 @needs_lib
-def test_quant_linear_parts_bias_and_long_inputs():
+def test_quant_linear_parts_bias_and_long_inputs(without_ggml):
     """q, k and v of different types stay separate parts; prompts (many rows) take the float32 path."""
     import gguf
 

@@ -43,7 +43,11 @@ def test_unscaled_view_matches_the_model(model):
         model.transformer(torch.tensor([ex.prefix[:-1]]), base, logits_for="none")
         view = ScaledKeyCache(base, None, 8, 16)
         part = model.transformer(torch.tensor([[ex.prefix[-1]] + ex.answer[:-1]]), view, logits_for="none")[0]
-    assert torch.allclose(full, part, atol=1e-5)
+    # the plain run's cache holds the answer tokens' K/V as float16 on CPU (`kv_dtype`), the view keeps
+    # them float32 for autograd: equal up to that rounding
+    tol = 1e-5 if base.kv_dtype == torch.float32 else 1e-4  # measured: 2.3e-5
+    print(f"max difference {(full - part).abs().max():.2e}")
+    assert torch.allclose(full, part, atol=tol)
 
 
 def test_loss_is_zero_at_alpha_one_and_grows_when_channels_go(model):

@@ -105,6 +105,13 @@ def grow(buf: torch.Tensor | None, used: int, needed: int, shape_fn, dim: int) -
     return new
 
 
+def kv_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """What a cache stores unquantized K and V in: float16 for a float32 model on a CPU, else the compute
+    dtype. float16 halves the bytes of float32, and is what llama.cpp's default f16 cache and a GPU user
+    hold; the C attention kernels read it and sum in float32 (`leank.kernels.cpu`)."""
+    return torch.float16 if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Attention of the last T positions' queries q (B, Hq, T, D) over keys/values (B, Hkv, S, D).
 
@@ -117,7 +124,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     gqa = Hq != Hkv
     if T == 1:  # decode: the query sees every key; C kernels on a float32 CPU, else SDPA
         out = cpu_kernels.decode_attention(q, k, v, scale)
-        return out if out is not None else F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if out is not None:
+            return out
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 CPU cache under float32 queries (`kv_dtype`)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     past = S - T
     out = torch.empty_like(q)
     for i0 in range(0, T, QUERY_CHUNK):

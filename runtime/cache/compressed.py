@@ -20,7 +20,7 @@ import torch
 from leank.kernels import dispatch
 from leank.kernels.quant import packed_width
 from leank.kernels.reference import MiddleGroup, gather_channels
-from leank.runtime.cache.base import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow
+from leank.runtime.cache.base import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow, kv_dtype
 from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.policy import CachePolicy
 
@@ -53,6 +53,7 @@ class CompressedCache(KVCache):
         self.policy, self.args, self.batch = policy, args, batch
         self.n_layers, self.n_kv_heads, self.head_dim = args.n_layers, args.n_kv_heads, args.head_dim
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_dtype = kv_dtype(self.device, dtype)  # the full region's and unquantized middle's storage
         self.mask = policy.mask if policy.mask is not None else Mask.ones(args.n_layers, args.n_kv_heads, args.head_dim)
         self.scale = 1.0 / math.sqrt(args.head_dim)  # LeanK keeps the full head size's scale
         self.ops = dispatch.ops_for(self.device)
@@ -80,7 +81,7 @@ class CompressedCache(KVCache):
 
     # --- append / attend -----------------------------------------------------------------------------
     def _alloc_full(self, cap: int) -> torch.Tensor:
-        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
+        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.kv_dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         st = self.layers[layer]
@@ -155,11 +156,11 @@ class CompressedCache(KVCache):
             used, need = start // per_token, end // per_token
             return grow(old, used, need, alloc, 2)
 
-        if p.k_bits == 16:  # not quantized: kept exactly, in the compute dtype like the full region
-            g.k = buf(g.k, (c,), self.dtype)
+        if p.k_bits == 16:  # not quantized: kept as the full region keeps it
+            g.k = buf(g.k, (c,), self.kv_dtype)
             g.k[:, :, start:end] = k
         else:
-            codes, scale, mn = self.ops.quantize_k(k, p.k_bits, G)
+            codes, scale, mn = self.ops.quantize_k(k.to(self.dtype), p.k_bits, G)
             g.k = buf(g.k, (packed_width(c, p.k_bits),), torch.uint8)
             g.k_scale = buf(g.k_scale, (c,), torch.float16, G)
             g.k_min = buf(g.k_min, (c,), torch.float16, G)
@@ -167,10 +168,10 @@ class CompressedCache(KVCache):
             g.k_scale[:, :, start // G : end // G] = scale
             g.k_min[:, :, start // G : end // G] = mn
         if p.v_bits == 16:
-            g.v = buf(g.v, (D,), self.dtype)
+            g.v = buf(g.v, (D,), self.kv_dtype)
             g.v[:, :, start:end] = v
         else:
-            codes, scale, mn = self.ops.quantize_v(v, p.v_bits, G)
+            codes, scale, mn = self.ops.quantize_v(v.to(self.dtype), p.v_bits, G)
             g.v = buf(g.v, (packed_width(D, p.v_bits),), torch.uint8)
             g.v_scale = buf(g.v_scale, (D // G,), torch.float16)
             g.v_min = buf(g.v_min, (D // G,), torch.float16)

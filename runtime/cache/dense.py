@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from leank.runtime.cache.base import CacheBytes, KVCache, causal_attention, grow
+from leank.runtime.cache.base import CacheBytes, KVCache, causal_attention, grow, kv_dtype
 
 
 class DenseCache(KVCache):
-    """Every past key and value kept as computed, in `dtype` (the model's compute dtype by default)."""
+    """Every past key and value kept as computed, in `kv_dtype(device, dtype)` (`dtype`: the model's
+    compute dtype)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int = 1, *,
                  device="cpu", dtype=torch.float32, capacity: int = 0):
         self.n_layers, self.n_kv_heads, self.head_dim, self.batch = n_layers, n_kv_heads, head_dim, batch
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_dtype = kv_dtype(self.device, dtype)
         self.capacity_hint = capacity
         self.reset()
 
@@ -27,7 +29,7 @@ class DenseCache(KVCache):
         return self.lengths[-1]
 
     def _alloc(self, cap: int) -> torch.Tensor:
-        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.dtype)
+        return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.kv_dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, T = self.lengths[layer], k.shape[2]
@@ -47,7 +49,7 @@ class DenseCache(KVCache):
         self.lengths = [min(length, n) for length in self.lengths]
 
     def nbytes(self) -> CacheBytes:
-        per_elem = torch.finfo(self.dtype).bits // 8
+        per_elem = torch.finfo(self.kv_dtype).bits // 8
         used = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * per_elem for n in self.lengths)
         alloc = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
         fp16 = sum(2 * self.batch * self.n_kv_heads * n * self.head_dim * 2 for n in self.lengths)

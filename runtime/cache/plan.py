@@ -19,7 +19,8 @@ def region_sizes(policy: CachePolicy, n_tokens: int) -> tuple[int, int]:
 def planned_nbytes(policy: CachePolicy, args, n_tokens: int, batch: int = 1, full_bytes_per_element: int = 2) -> CacheBytes:
     """The bytes `CompressedCache.nbytes()` reports after `n_tokens`, computed without any tensor.
 
-    `full_bytes_per_element`: 2 for a float16/bfloat16 full region (GPU), 4 for float32 (CPU default).
+    `full_bytes_per_element`: 2 for a float16/bfloat16 full region (the default on CPU and GPU), 4 for
+    float32 (a float32 model on a GPU).
     """
     full, middle = region_sizes(policy, n_tokens)
     H, D, G = args.n_kv_heads, args.head_dim, policy.group_size

@@ -21,15 +21,18 @@ from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeO
                                RecentOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt, SinkOpt, StopOpt, TempOpt,
                                ThreadsOpt, TopKOpt, TopPOpt, VBitsOpt, check_ctx_size, load_model, model_path,
                                policy_from_options, read_text_file, sampling_from_options)
-from leank.cli.output import cache_summary, err
+from leank.cli.output import cache_summary, err, human_bytes
 from leank.errors import LeankError
 from leank.runtime.chat import ChatSession
+from leank.runtime.outputs import check_output
 
 BLOCK = '"""'
 COMMANDS = {
     "/help": "this list",
     "/file PATH": "send a UTF-8 text file as your next message",
     "/reset": "start a new conversation",
+    "/save [FILE]": "save the conversation and its cache (default: the --session file)",
+    "/load FILE": "resume a saved conversation",
     "/stats": "speed of the last reply and the cache's memory",
     "/exit": "quit (Ctrl-D, /quit and /bye too)",
 }
@@ -122,6 +125,10 @@ def chat(
     stop: StopOpt = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn (user, assistant, "
                                              "stats): easy to parse when scripting.")] = False,
+    session_file: Annotated[Optional[Path], typer.Option(
+        "--session", metavar="FILE", show_default=False,
+        help="Resume the conversation saved in FILE (if it exists) and save it there after every reply: "
+             "the compressed cache comes back without re-reading the conversation.")] = None,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
@@ -141,6 +148,13 @@ def chat(
     limit = check_ctx_size(m, ctx_size)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     session = ChatSession(m, system=system, policy=policy, context_length=limit)
+    if session_file is not None:
+        check_output(session_file, force=True, inputs=[m.path], what="--session")  # before any turn
+        if session_file.exists():
+            session.load(session_file)
+            if interactive:
+                err.print(f"[dim]resumed {session_file}: {len(session.messages)} messages, "
+                          f"{session.cache.seq_len} tokens[/]")
     options = dict(max_tokens=max_tokens, stop=stop or (),
                    sampling=sampling_from_options(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                                                   presence_penalty, frequency_penalty, seed))
@@ -176,6 +190,9 @@ def chat(
             if name == "/stats":
                 show_stats(session, policy, last)
                 continue
+            if name in ("/save", "/load"):
+                save_or_load(session, name, argument.strip(), session_file)
+                continue
             if name in ("/help", "/?"):
                 err.print("\n".join(f"  {c:<12} {what}" for c, what in COMMANDS.items()))
                 continue
@@ -197,10 +214,29 @@ def chat(
                 continue
         try:
             last = reply(session, text, options, json_lines)
+            if session_file is not None:
+                session.save(session_file, what="--session")
         except LeankError as e:
             if not interactive:
                 raise
             err.print(f"[red]{e}[/]")
+
+
+def save_or_load(session, name: str, argument: str, session_file: Optional[Path]) -> None:
+    """/save [FILE] and /load FILE: a failure is one red line, and the conversation stays as it was."""
+    path = Path(argument).expanduser() if argument else session_file
+    try:
+        if path is None:
+            raise LeankError(f"{name} needs a file: {name} chat.session (or start chat with --session FILE)")
+        if name == "/save":
+            # a new name is never written over; the --session file is this conversation's own
+            size = session.save(path, force=path == session_file, what="/save")
+            err.print(f"[dim]saved {path} ({human_bytes(size)}, {session.cache.seq_len} tokens)[/]")
+        else:
+            session.load(path)
+            err.print(f"[dim]loaded {path}: {len(session.messages)} messages, {session.cache.seq_len} tokens[/]")
+    except LeankError as e:
+        err.print(f"[red]{e}[/]")
 
 
 def reply(session, text: str, options: dict, json_lines: bool) -> dict:

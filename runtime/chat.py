@@ -31,10 +31,11 @@ class ChatSession:
         self.last_stats = None
         self.rebuilds = 0
 
-    def save(self, path) -> int:
-        """Write the conversation to a session file, atomically; returns its size in bytes."""
+    def save(self, path, *, force: bool = True, what: str = "") -> int:
+        """Write the conversation to a session file, atomically; returns its size in bytes (`force=False`
+        refuses an existing file; `what` names the option in messages)."""
         extra = {"chat": {"messages": self.messages, "held_text": self.held_text, "system": self.system}}
-        return save_session(path, self.model, self.cache, self.tokens, extra)
+        return save_session(path, self.model, self.cache, self.tokens, extra, force=force, what=what)
 
     def load(self, path) -> None:
         """Resume the conversation saved in `path` (under this session's policy); nothing changes if it is refused."""

@@ -490,3 +490,28 @@ def test_chat_in_a_terminal_survives_ctrl_c_and_stats_stay_true(make_tiny):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def test_chat_session_file_resumes_saves_and_loads(leank_cli, tiny_llama, tmp_path):
+    """--session resumes and autosaves; /save and /load move a conversation between files; a greedy reply
+    after resuming is the reply the uninterrupted conversation gives."""
+    session, other = tmp_path / "chat.session", tmp_path / "other.session"
+    args = ("chat", tiny_llama, "-n", "5", "--temp", "0", "--json")
+    whole = leank_cli(*args, stdin="hello\nhow are you\n")
+    assert whole.returncode == 0, whole.stderr
+    first = leank_cli(*args, "--session", session, stdin="hello\n")
+    assert first.returncode == 0, first.stderr and session.is_file()
+    resumed = leank_cli(*args, "--session", session, stdin=f"how are you\n/save {other}\n/save {other}\n")
+    assert resumed.returncode == 0, resumed.stderr
+    expected = [json.loads(line) for line in whole.stdout.splitlines()][1]
+    got = json.loads(resumed.stdout.splitlines()[0])
+    assert got["assistant"] == expected["assistant"] and got["cache"]["tokens"] == expected["cache"]["tokens"]
+    assert other.is_file() and "already exists" in resumed.stderr  # /save never writes over another file
+    loaded = leank_cli(*args, stdin=f"/load {other}\n/load {tmp_path / 'missing'}\n/save\n")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded" in loaded.stderr and "no such session file" in loaded.stderr and "/save needs a file" in loaded.stderr
+    # the model file is never a session file, and a session for another policy is refused with one line
+    bad = leank_cli(*args, "--session", tiny_llama, stdin="hi\n")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1
+    other_policy = leank_cli(*args, "--kv", "kivi", "--session", session, stdin="hi\n")
+    assert other_policy.returncode == 1 and other_policy.stderr.strip().startswith("error:")

@@ -30,10 +30,12 @@ from safetensors.torch import save_file
 from leank.errors import LeankError
 from leank.kernels.quant import packed_width
 from leank.kernels.reference import MiddleGroup
+from leank.runtime.cache.base import kv_dtype
 from leank.runtime.cache.compressed import CompressedCache
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.policy import CachePolicy
 from leank.runtime.gguf.schema import k_fingerprint
+from leank.runtime.outputs import atomic_write
 
 FORMAT = "leank-session"
 VERSION = 1
@@ -147,10 +149,14 @@ def _cache_tensors(cache) -> tuple[dict[str, torch.Tensor], list[int], list[int]
 
 
 # --- save -----------------------------------------------------------------------------------------------
-def save_session(path: str | os.PathLike, model, cache, tokens: Sequence[int], extra: dict | None = None) -> int:
+def save_session(path: str | os.PathLike, model, cache, tokens: Sequence[int], extra: dict | None = None, *,
+                 force: bool = True, inputs: Sequence = (), what: str = "") -> int:
     """Write `cache` (one sequence) and the token ids it holds to `path`, atomically; returns the file's bytes.
 
-    `extra` is any JSON object the caller wants back (a chat's messages); it goes into the header."""
+    `extra` is any JSON object the caller wants back (a chat's messages); it goes into the header. The
+    write goes through `leank.runtime.outputs.atomic_write`: never over the model file, an input, a
+    directory, a device or a pipe, and over an existing file only with `force` (the default: a session
+    file is rewritten after every turn)."""
     path = Path(path)
     tokens = [int(t) for t in tokens]
     if getattr(cache, "batch", 1) != 1:
@@ -170,12 +176,8 @@ def save_session(path: str | os.PathLike, model, cache, tokens: Sequence[int], e
     text = json.dumps(header, ensure_ascii=False)
     if len(text) > MAX_HEADER_CHARS:
         raise LeankError(f"the session's header would be {len(text)} characters (at most {MAX_HEADER_CHARS})")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{id(cache)}")
-    try:
+    with atomic_write(path, force=force, inputs=[model.path, *inputs], what=what) as tmp:
         save_file(tensors, str(tmp), metadata={"leank": text})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 
@@ -238,7 +240,7 @@ def load_session(path: str | os.PathLike, model, policy: CachePolicy | None = No
         with safe_open(str(path), framework="pt") as f:
             h = _read_header(f, model, policy)
             full, middle, n = h["full"], h["middle"], h["tokens"]
-            expected = _expected(model, policy, full, middle, n, model.dtype)
+            expected = _expected(model, policy, full, middle, n, kv_dtype(model.device, model.dtype))
             names = set(f.keys())
             if names != set(expected):
                 odd = sorted(names ^ set(expected))[:3]

@@ -42,6 +42,8 @@ def serve(
         raise LeankError(f"--ctx {ctx} is over the model's context of {m.args.context_length}")
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     application = make_app(m, policy, parallel=parallel, context=ctx, api_key=api_key, slot_save_path=slot_save_path)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]")
     err.print(f"[bold]{m.path.name}[/] · KV cache: {policy.describe()} · {parallel} slot(s) · "
               f"listening on http://{host}:{port}/v1", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)

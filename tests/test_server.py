@@ -323,3 +323,13 @@ def test_a_dense_server_binds_to_localhost(default_model_path, tmp_path):
         assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         s.close()
+
+
+def test_serve_refuses_bad_options_with_one_line(default_model_path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for args, words in ((["--slot-save-path", str(tmp_path / "nowhere")], "no such folder"),
+                        (["--ctx", "100000"], "over the model's context")):
+        r = subprocess.run([sys.executable, "-m", "leank.cli", "serve", "--port", str(free_port()), *args],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -216,29 +216,38 @@ def soak(port: int, pid: int, n: int, out: dict) -> None:
             s = raw("POST", "/v1/chat/completions", json.dumps({**body, "max_tokens": -1}).encode())
         statuses[s] = statuses.get(s, 0) + 1
 
-    def worker(k: int):
-        for i in range(k, n, 4):
+    def worker(lo: int, hi: int, k: int):
+        for i in range(lo + k, hi, 4):
             one(i)
 
-    for i in range(12):  # every slot used once before the first reading
-        one(i % 3)
-    before = rss_mib(pid)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    def settle() -> float:
+        for _ in range(100):
+            if call(port, "GET", "/health")["slots_processing"] == 0:
+                break
+            time.sleep(0.2)
+        return round(rss_mib(pid), 1)
+
+    threads = [threading.Thread(target=worker, args=(0, 24, k)) for k in range(4)]  # every kind in every slot
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    readings = [settle()]
+    t0 = time.perf_counter()
+    rounds = 3
+    for r in range(rounds):  # RSS after each third: growth that goes on round after round would be a leak
+        lo, hi = 24 + r * n // rounds, 24 + (r + 1) * n // rounds
+        threads = [threading.Thread(target=worker, args=(lo, hi, k)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        readings.append(settle())
     seconds = time.perf_counter() - t0
-    for _ in range(100):
-        if call(port, "GET", "/health")["slots_processing"] == 0:
-            break
-        time.sleep(0.2)
-    after = rss_mib(pid)
     out["soak"] = {"requests": n, "seconds": round(seconds, 1), "statuses": {str(k): v for k, v in statuses.items()},
-                   "rss_mib_before": round(before, 1), "rss_mib_after": round(after, 1),
-                   "slots_processing_after": call(port, "GET", "/health")["slots_processing"]}
-    print(f"soak: {n} requests in {seconds:.0f} s, RSS {before:.1f} -> {after:.1f} MiB, statuses {statuses}", flush=True)
+                   "rss_mib": readings, "slots_processing_after": call(port, "GET", "/health")["slots_processing"]}
+    print(f"soak: {n} requests in {seconds:.0f} s, RSS MiB after warm-up and each third {readings}, "
+          f"statuses {statuses}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leank.masks.choose import build_policy
+from leank.runtime.server.slots import weights_nbytes
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,5 +322,40 @@ def test_a_dense_server_binds_to_localhost(default_model_path, tmp_path):
         status, body = s.request("POST", "/v1/chat/completions", {"messages": chat("hi"), "max_tokens": 3,
                                                                   "temperature": 0})
         assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        s.close()
+
+
+def test_serve_refuses_bad_options_with_one_line(default_model_path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for args, words in ((["--slot-save-path", str(tmp_path / "nowhere")], "no such folder"),
+                        (["--ctx", "100000"], "over the model's context")):
+        r = subprocess.run([sys.executable, "-m", "leank.cli", "serve", "--port", str(free_port()), *args],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_memory_budget_admits_what_fits_and_refuses_what_never_can(default_model, default_model_path, tmp_path):
+    per_token = default_model.args.kv_bytes_per_token(4)  # a dense float32 cache on CPU
+    budget = weights_nbytes(default_model.transformer) + 120 * per_token
+    s = ServerProcess(["--parallel", "2", "--kv", "dense", "--memory", str(budget)], tmp_path)
+    try:
+        status, body = s.request("POST", "/v1/chat/completions", {"messages": chat("hi"), "max_tokens": 500})
+        assert status == 503 and body["error"]["code"] == "over_memory_budget"
+        assert str(budget) in body["error"]["message"] and "500 max_tokens" in body["error"]["message"]
+        got = {}
+
+        def run(i):  # two requests of ~70 tokens each: only one fits at a time, the other waits its turn
+            got[i] = s.request("POST", "/v1/chat/completions", {"messages": chat(f"Say {i}."), "max_tokens": 40,
+                                                                "temperature": 0, "ignore_eos": True})
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(got[i][0] == 200 and got[i][1]["usage"]["completion_tokens"] == 40 for i in range(2))
+        assert s.wait_idle()["slots_processing"] == 0
     finally:
         s.close()

@@ -74,3 +74,13 @@ def kv_summary(policy, args, ctx: int, full_bytes_per_element: int = 2) -> dict:
         "middle_ratio_vs_fp16": middle_ratio,
         "full_region_bytes_per_element": full_bytes_per_element,
     }
+
+
+def sequence_nbytes(policy: CachePolicy | None, args, n_tokens: int, full_bytes_per_element: int = 2) -> int:
+    """The bytes one sequence's cache stores at `n_tokens` under `policy` (None or dense: a dense cache).
+
+    Stored tokens only, as `nbytes().total` reports them: spare capacity a growing buffer keeps is not
+    counted (at most half a buffer more while it grows)."""
+    if policy is None or policy.is_dense:
+        return args.kv_bytes_per_token(full_bytes_per_element) * n_tokens
+    return planned_nbytes(policy, args, n_tokens, full_bytes_per_element=full_bytes_per_element).total

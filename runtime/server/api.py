@@ -149,9 +149,12 @@ class Server:
     """The routes' state: the engine, the model's name, the key and the slot folder."""
 
     def __init__(self, model, policy, *, parallel: int = 1, context: int | None = None, api_key: str | None = None,
-                 slot_save_path: str | Path | None = None, model_name: str | None = None):
+                 slot_save_path: str | Path | None = None, model_name: str | None = None, memory: int | None = None):
         self.model = model
-        self.engine = Engine(model, policy, parallel=parallel, context=context)
+        self.engine = Engine(model, policy, parallel=parallel, context=context, memory=memory)
+        if memory is not None and self.engine.weights_bytes >= memory:
+            raise LeankError(f"the weights alone take {self.engine.weights_bytes} bytes: over the memory budget of "
+                             f"{memory} bytes")
         self.context = self.engine.context
         self.api_key = api_key
         self.slot_dir = None if slot_save_path is None else Path(slot_save_path).resolve()
@@ -182,8 +185,17 @@ class Server:
             raise ApiError(400, f"id_slot {opts['id_slot']} does not exist (slots 0-{len(self.engine.slots) - 1})",
                            "id_slot")
         loop = asyncio.get_running_loop()
-        return Job(ids, min(opts["max_tokens"], self.context - len(ids)), opts["sampling"], opts["stop"], loop,
-                   asyncio.Queue(), slot_id=opts["id_slot"], ignore_eos=opts["ignore_eos"])
+        job = Job(ids, min(opts["max_tokens"], self.context - len(ids)), opts["sampling"], opts["stop"], loop,
+                  asyncio.Queue(), slot_id=opts["id_slot"], ignore_eos=opts["ignore_eos"])
+        e = self.engine
+        if e.memory is not None:
+            need, room = e.request_nbytes(job), e.memory - e.weights_bytes
+            if need > room:
+                raise ApiError(503, f"this request's cache could reach {need} bytes ({len(ids)} prompt tokens + "
+                                    f"{job.max_tokens} max_tokens); the memory budget of {e.memory} bytes leaves "
+                                    f"{room} after the weights ({e.weights_bytes}): ask for fewer max_tokens",
+                               "max_tokens", code="over_memory_budget", kind="server_error")
+        return job
 
     @staticmethod
     def usage(done: dict) -> dict:

@@ -25,9 +25,11 @@ import torch
 from leank.errors import LeankError
 from leank.runtime.cache.compressed import CompressedCache
 from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.plan import sequence_nbytes
 from leank.runtime.cache.session import load_session, save_session
 from leank.runtime.decode import prefill, step
 from leank.runtime.generate import SamplingParams, StopMatcher, sample
+from leank.runtime.model.linear import Linear
 
 # Prompt tokens fed between two decode steps. A prompt up to this long is prefilled in one pass, exactly
 # as `Model.stream` does it (so the server's greedy replies equal the library's).
@@ -79,6 +81,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
     prefill_seconds: float = 0.0
+    reserved_bytes: int = 0  # the cache bytes this job may reach (prompt + max_tokens), held while it runs
     generator: torch.Generator | None = field(default=None, repr=False)
     decoder: object = field(default=None, repr=False)
     matcher: StopMatcher | None = field(default=None, repr=False)
@@ -112,8 +115,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """The slots and the thread that runs them (see the module docstring)."""
 
-    def __init__(self, model, policy, *, parallel: int = 1, context: int | None = None):
+    def __init__(self, model, policy, *, parallel: int = 1, context: int | None = None, memory: int | None = None):
         self.model, self.policy = model, policy
+        # --memory: weights + every running request's cache at its prompt + max_tokens must fit
+        self.memory, self.weights_bytes = memory, weights_nbytes(model.transformer)
+        self.element_bytes = torch.finfo(model.dtype).bits // 8
         self.context = min(context or model.args.context_length, model.args.context_length)
         self.slots = [Slot(i, model.new_cache(policy=policy)) for i in range(parallel)]
         self.pending: deque[Job] = deque()  # submitted, not yet seen by the loop (guarded by `wake`)
@@ -144,6 +150,11 @@ class Engine:
         job.cancelled = True  # read by the loop between steps
         with self.wake:
             self.wake.notify_all()
+
+    def request_nbytes(self, job: Job) -> int:
+        """The cache bytes `job` may reach: its prompt plus max_tokens, under the server's policy."""
+        n = min(self.context, len(job.prompt_ids) + job.max_tokens)
+        return sequence_nbytes(self.policy, self.model.args, n, self.element_bytes)
 
     def idle(self) -> int:
         return sum(s.job is None for s in self.slots)
@@ -226,6 +237,11 @@ class Engine:
             if slot is None:
                 waiting.append(job)
                 continue
+            if self.memory is not None and not self._make_room(slot, job):
+                waiting.append(job)
+                waiting.extend(self.waiting)  # first come, first served: nobody overtakes a waiting job
+                self.waiting.clear()
+                break
             ids = job.prompt_ids
             n = min(common_prefix(slot.tokens, ids), len(ids) - 1)  # at least one token is fed: its logits
             if n < len(slot.tokens) and not self._truncate(slot.cache, n):
@@ -237,6 +253,19 @@ class Engine:
             job.decoder = self.model.tokenizer.stream_decoder()
             job.matcher = StopMatcher(job.stop)
         self.waiting = waiting
+
+    def _make_room(self, slot: Slot, job: Job) -> bool:
+        """Whether `job` fits the memory budget now; idle slots' caches (kept for prefix reuse) are
+        dropped, least recently used first, to make it fit."""
+        job.reserved_bytes = self.request_nbytes(job)
+        room = self.memory - self.weights_bytes - sum(s.job.reserved_bytes for s in self.slots if s.job is not None)
+        kept = sorted((s for s in self.slots if s.job is None and s is not slot and s.tokens), key=lambda s: s.last_used)
+        held = sum(s.cache.nbytes().total for s in kept) + slot.cache.nbytes().total
+        while kept and job.reserved_bytes + held > room:
+            s = kept.pop(0)
+            held -= s.cache.nbytes().total
+            s.cache, s.tokens = self.model.new_cache(policy=self.policy), []
+        return job.reserved_bytes <= room
 
     def _prefill_chunk(self) -> None:
         """Feed up to PREFILL_CHUNK prompt tokens of the slot that has waited longest for its prompt."""
@@ -318,6 +347,21 @@ class Engine:
                         "predicted_n": job.completion_tokens, "predicted_ms": 1000 * decode_s},
         })
         slot.job, slot.next_token, slot.last_used = None, None, now
+
+
+def weights_nbytes(transformer) -> int:
+    """The bytes of a transformer's weights as it holds them (a tied output matrix counted once)."""
+    seen, total = set(), 0
+    parts = [transformer.tok_embeddings, transformer.output, transformer.norm]
+    for b in transformer.layers:
+        a, f = b.attention, b.feed_forward
+        parts += [b.attn_norm, b.ffn_norm, a.wqkv, a.wo, a.q_norm, a.k_norm, f.w_gate_up, f.w_down]
+    for x in parts:
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        total += x.nbytes if isinstance(x, Linear) else x.numel() * x.element_size()
+    return total
 
 
 class SlotBusy(Exception):

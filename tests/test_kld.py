@@ -142,7 +142,7 @@ def test_rotate_option_is_checked(tiny):
 # --- the command ------------------------------------------------------------------------------------------
 def run(*args):
     return subprocess.run([sys.executable, "-m", "leank.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, COLUMNS="200"))
+                          timeout=900, env=dict(os.environ, COLUMNS="200"))  # a loaded 2-core VM took over 300 s
 
 
 def test_perplexity_kld_command(make_tiny, tmp_path):

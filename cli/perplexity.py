@@ -13,6 +13,7 @@ from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, JsonOpt,
                                policy_from_options, read_text_file)
 from leank.cli.output import err, out, print_json
 from leank.errors import LeankError
+from leank.masks.evaluate import kl_divergence
 
 
 def perplexity(
@@ -25,6 +26,9 @@ def perplexity(
                                          "short prefill, so that a compressed cache is exercised.")] = False,
     prefix: Annotated[int, typer.Option("--prefix", min=1, metavar="N",
                                         help="Tokens prefilled before --decode starts.")] = 64,
+    kld: Annotated[bool, typer.Option("--kld", help="Decode the text through the --kv cache and a dense one in "
+                                      "lockstep: KL(dense || cache) per token (mean, 99th percentile) and top-1 "
+                                      "agreement with dense, like llama.cpp's --kl-divergence.")] = False,
     json_out: JsonOpt = False,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
@@ -48,6 +52,22 @@ def perplexity(
     if len(ids) < ctx and not json_out:
         err.print(f"[yellow]{file} has only {len(ids)} tokens; scoring all of them[/]")
     show = not json_out and err.is_terminal
+    if kld:
+        with Progress(TextColumn("comparing with dense"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                      TimeRemainingColumn(), console=err, transient=True, disable=not show) as bar:
+            task = bar.add_task("kld", total=max(len(ids) - 1 - prefix, 0))
+            result = kl_divergence(m, ids, {"policy": policy}, decode_from=prefix,
+                                   progress=lambda done, total: bar.update(task, completed=done))["policy"]
+        result.update({"model": str(m.path), "file": str(file), "mode": "kld", "policy": policy.as_dict()})
+        if json_out:
+            print_json(result)
+        else:
+            out.print(f"KL divergence vs dense over {result['positions']} decoded tokens: mean "
+                      f"{result['kld_mean']:.6f} ± {result['kld_stderr']:.6f} nats, 99th percentile "
+                      f"{result['kld_p99']:.6f}; top-1 agreement {100 * result['top1_agreement']:.2f} %; decode "
+                      f"perplexity {result['decode_perplexity']:.4f} (dense {result['dense_decode_perplexity']:.4f})"
+                      f" (KV cache: {policy.describe()})")
+        return
     with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                   TimeRemainingColumn(), console=err, transient=True, disable=not show) as bar:
         task = bar.add_task("ppl", total=len(ids) - 1)

@@ -67,7 +67,7 @@ def choose_mask(header, mask: str | Mask | None, align: int | None = None, progr
 def convert(model: str | Path, output: str | Path, mask: str | Mask | None = None, *, align: int | None = None,
             k_bits: int | None = None, v_bits: int | None = None, group_size: int | None = None,
             sink_tokens: int | None = None, recent_tokens: int | None = None, block_tokens: int | None = None,
-            force: bool = False, progress: Callable[[int, int], None] | None = None,
+            rotate: bool | None = None, force: bool = False, progress: Callable[[int, int], None] | None = None,
             mask_progress: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Write `output`: `model` (a GGUF file) with a mask and cache policy embedded as `leank.*` metadata.
 
@@ -85,7 +85,7 @@ def convert(model: str | Path, output: str | Path, mask: str | Mask | None = Non
     chosen, origin = choose_mask(header, mask, align, mask_progress)
     base = header.policy or CachePolicy(recent_tokens=default_recent(a.context_length))
     settings = {"k_bits": k_bits, "v_bits": v_bits, "group_size": group_size, "sink_tokens": sink_tokens,
-                "recent_tokens": recent_tokens, "block_tokens": block_tokens}
+                "recent_tokens": recent_tokens, "block_tokens": block_tokens, "rotate": rotate}
     policy = base.replace(mask=chosen, **{k: v for k, v in settings.items() if v is not None})
     policy.validate(a.n_layers, a.n_kv_heads, a.head_dim, a.context_length)
     fingerprint = k_fingerprint(header.file)

@@ -128,3 +128,16 @@ def dequantize_v(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bi
     *lead, T, D = codes.shape
     g = codes.reshape(*lead, T, D // group, group)
     return torch.addcmul(mn.to(dtype).unsqueeze(-1), g, scale.to(dtype).unsqueeze(-1)).reshape(*lead, T, D)
+
+
+def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of 2), symmetric: H @ H = I.
+
+    Rotating vectors by it before quantizing spreads an outlier over every coordinate (what llama.cpp
+    does before q4_0/q8_0 KV); dot products are unchanged, since H is orthonormal."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester-Hadamard matrix needs a power-of-2 order, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / h.shape[0] ** 0.5).to(dtype=dtype, device=device)

@@ -53,7 +53,7 @@ def choose_mask(model, spec: str | Mask | None = None, ratio: float | None = Non
 def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: float | None = None,
                  k_bits: int | None = None, v_bits: int | None = None, group_size: int | None = None,
                  sink_tokens: int | None = None, recent_tokens: int | None = None,
-                 block_tokens: int | None = None) -> CachePolicy:
+                 block_tokens: int | None = None, rotate: bool | None = None) -> CachePolicy:
     """The policy for `model` (a `leank.Model` or a header) from user choices; unset choices fall back
     to the file, then the defaults.
 
@@ -87,13 +87,15 @@ def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: f
         sink_tokens=sink_tokens if sink_tokens is not None else base.sink_tokens,
         recent_tokens=recent_tokens if recent_tokens is not None else base.recent_tokens,
         block_tokens=block_tokens if block_tokens is not None else base.block_tokens,
+        rotate=rotate if rotate is not None else base.rotate,
     )
     return policy.validate(args.n_layers, args.n_kv_heads, args.head_dim, args.context_length)
 
 
 # --- policy SPEC strings (`leank eval -p`) --------------------------------------------------------------
 _KIVI = re.compile(r"kivi(\d+)(?:/(\d+))?")
-_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens"}
+_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens",
+            "rotate": "rotate"}
 
 
 def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tokens: int | None = None,
@@ -104,7 +106,8 @@ def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tok
       BASE   := "dense" | KIVI | "leank:" MASK ["+" KIVI]
       KIVI   := "kivi" BITS | "kivi" K_BITS "/" V_BITS      (bits 2, 4, 8; e.g. kivi4, kivi2, kivi4/2)
       MASK   := a mask SPEC of `leank.masks.spec.resolve_mask`: freq:0.5, ones, a mask file, ...
-      OPTION := sink=N | recent=N | group=N | block=N       (this policy only)
+      OPTION := sink=N | recent=N | group=N | block=N | rotate=0|1   (this policy only; rotate=1: Hadamard
+                rotation of K and V before quantizing, see `leank.runtime.cache.policy`)
 
     Examples: `dense`, `kivi4`, `leank:freq:0.5`, `leank:freq:0.7+kivi4`, `leank:mask.safetensors+kivi2`,
     `kivi2,recent=256,group=64`. The keyword arguments are shared settings (the CLI's --sink, --recent,
@@ -118,8 +121,11 @@ def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tok
     for opt in opts:
         key, _, value = opt.partition("=")
         if key.strip() not in _OPTIONS or not value.strip().isdigit():
-            raise LeankError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N or block=N")
-        settings[_OPTIONS[key.strip()]] = int(value)
+            raise LeankError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N, block=N "
+                             "or rotate=0|1")
+        if key.strip() == "rotate" and value.strip() not in ("0", "1"):
+            raise LeankError(f"policy {spec!r}: rotate is 0 or 1, got {value.strip()!r}")
+        settings[_OPTIONS[key.strip()]] = bool(int(value)) if key.strip() == "rotate" else int(value)
 
     def kivi_bits(part: str) -> tuple[int, int]:
         m = _KIVI.fullmatch(part)

@@ -24,23 +24,32 @@ Decode perplexity (`decode_perplexity`): `Model.perplexity(ids, decode_from=n, p
 the first n tokens prefilled and every later token fed through the decode path, so that tokens leave
 the recent window and are compressed as in generation.
 
+KL divergence (`kl_divergence`), llama.cpp's `--kl-divergence` over the decode path: the text's first n
+tokens are prefilled once (densely, as every policy prefills), then every later token is fed one at a
+time to a dense cache and to each policy's cache in lockstep. At each decoded position the policy's
+next-token distribution is compared with dense's: KL(dense || policy) in nats, whether the two agree on
+the most likely token, and the policy's own NLL of the text's next token (its decode perplexity, on the
+same positions). Same text, same positions, same reference for every policy.
+
 Policies are named by a SPEC (`leank.masks.choose.parse_policy`), the same on the command line and in Python.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from leank.errors import LeankError
 from leank.masks.tasks import Sample
 from leank.runtime.cache.compressed import compress_cache
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.policy import CachePolicy
-from leank.runtime.decode import Decode
+from leank.runtime.decode import Decode, step
 
 EXTRA_ANSWER_TOKENS = 8  # decoded beyond the expected answer's length, room for a differently worded reply
 EXTRA_LIST_TOKENS = 4  # more per further answer: a list may be numbered, one answer a line
@@ -193,4 +202,100 @@ def decode_perplexity(model, ids: Sequence[int], policies: dict[str, CachePolicy
         out[name] = {k: result[k] for k in ("tokens", "scored", "nll", "perplexity", "decoded", "decode_nll",
                                             "decode_perplexity") if k in result}
         out[name]["cache"] = result["cache"]
+    return out
+
+
+# --- KL divergence against dense --------------------------------------------------------------------------
+def divergence_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    """Per-position comparison of `logits` (N, vocab) with the reference `ref_logits` (N, vocab):
+    {"kld": KL(ref || logits) per position (N,) float64 nats, "top1": (N,) bool, agreement of the argmaxes,
+    "nll": the NLL of `targets` (N,) under `logits`, when given}. Shared with llama.cpp's logits in bench/."""
+    ref_logp = F.log_softmax(ref_logits.double(), dim=-1)
+    logp = F.log_softmax(logits.double(), dim=-1)
+    kld = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)  # >= 0 in exact arithmetic
+    out = {"kld": kld, "top1": ref_logits.argmax(-1) == logits.argmax(-1)}
+    if targets is not None:
+        out["nll"] = -logp.gather(-1, targets.view(-1, 1)).squeeze(-1)
+    return out
+
+
+def summarize_divergence(kld: torch.Tensor, top1: torch.Tensor, nll: torch.Tensor | None = None) -> dict:
+    """llama.cpp's summary of per-position KL divergences: mean (and its standard error), median, 99th
+    percentile and maximum, in nats; top-1 agreement as a fraction; decode perplexity from `nll`."""
+    kld = kld.double()
+    n = kld.numel()
+    if n == 0:
+        raise LeankError("no positions to compare")
+    out = {"positions": n, "kld_mean": float(kld.mean()),
+           "kld_stderr": float(kld.std() / math.sqrt(n)) if n > 1 else 0.0,
+           "kld_median": float(kld.quantile(0.5)), "kld_p99": float(kld.quantile(0.99)),
+           "kld_max": float(kld.max()), "top1_agreement": float(top1.double().mean())}
+    if nll is not None:
+        out["decode_nll"] = float(nll.double().mean())
+        out["decode_perplexity"] = math.exp(out["decode_nll"])
+    return out
+
+
+REFERENCES = ("decode", "prefill")
+
+
+@torch.inference_mode()
+def kl_divergence(model, ids: Sequence[int], policies: dict[str, CachePolicy], decode_from: int = 64,
+                  reference: str = "decode", progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+    """{policy: divergence from dense} over `ids` decoded one token at a time (module docstring).
+
+    The first `decode_from` tokens are prefilled; positions decode_from .. len(ids)-2 are compared (each
+    predicts the next token of the text). Per policy: `summarize_divergence`'s figures, dense's decode
+    perplexity on the same positions and the cache's bytes at the end (`cache`). A dense policy has
+    nothing to compare with and is refused.
+
+    `reference="decode"` decodes a dense cache in lockstep with the policies; "prefill" takes dense's
+    logits from one teacher-forced pass over the whole text instead (the same function of the same
+    tokens, up to float rounding: one pass instead of one step per token, for long texts on a CPU).
+    """
+    ids = list(ids)
+    if reference not in REFERENCES:
+        raise LeankError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    dense_names = [name for name, p in policies.items() if p.is_dense]
+    if dense_names:
+        raise LeankError(f"policy {dense_names[0]!r} is dense: the KL divergence compares a compressed cache "
+                         "with the dense one, so a dense policy has nothing to compare")
+    check_policies(policies, model)
+    if decode_from < 1:
+        raise LeankError(f"the prefix must be at least 1 token, got {decode_from}")
+    if len(ids) < decode_from + 2:
+        raise LeankError(f"the text has {len(ids)} tokens, fewer than the {decode_from}-token prefix and 2 more: "
+                         "nothing would be decoded and compared")
+    model._check_length(len(ids))
+    a = model.args
+    n = len(ids) - 1 - decode_from  # decoded positions: tokens decode_from .. len-2 are fed, each scored
+    ref_rows = None
+    if reference == "prefill":  # dense logits of the scored positions, from one pass
+        ref_rows = model.logits(ids[: len(ids) - 1])[decode_from:]
+    dense = DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, device=model.device, dtype=model.dtype,
+                       capacity=len(ids))
+    model.transformer(torch.tensor([ids[:decode_from]], dtype=torch.long, device=model.device), dense,
+                      logits_for="none")
+    caches = {name: compress_cache(dense, p, a) for name, p in policies.items()}
+    kld = {name: torch.empty(n, dtype=torch.float64) for name in policies}
+    top1 = {name: torch.empty(n, dtype=torch.bool) for name in policies}
+    nll = {name: torch.empty(n, dtype=torch.float64) for name in policies}
+    dense_nll = torch.empty(n, dtype=torch.float64)
+    for j in range(n):
+        i = decode_from + j
+        token = torch.tensor([ids[i]], dtype=torch.long)
+        target = torch.tensor([ids[i + 1]], dtype=torch.long)
+        ref = step(model.transformer, dense, token) if ref_rows is None else ref_rows[j : j + 1]
+        dense_nll[j] = F.cross_entropy(ref.double(), target)
+        for name, cache in caches.items():
+            d = divergence_stats(ref, step(model.transformer, cache, token), target)
+            kld[name][j], top1[name][j], nll[name][j] = d["kld"][0], d["top1"][0], d["nll"][0]
+        if progress and (j % 16 == 0 or j == n - 1):
+            progress(j + 1, n)
+    dense_ppl = math.exp(float(dense_nll.mean()))
+    out = {}
+    for name, cache in caches.items():
+        out[name] = {"tokens": len(ids), "prefix": decode_from, "reference": reference,
+                     **summarize_divergence(kld[name], top1[name], nll[name]),
+                     "dense_decode_perplexity": dense_ppl, "cache": cache.nbytes().as_dict()}
     return out

@@ -9,6 +9,13 @@ Per layer, tokens live in two regions (see `leank.runtime.cache.policy`):
   store no middle K or V at all.
 After each `attend`, whole blocks beyond `recent_tokens` move from the full region to the middle: the
 new tokens' queries have seen their dense keys by then, so a prompt is always attended densely.
+
+With `policy.rotate`, K and V are stored turned by orthonormal Hadamard transforms, in both regions:
+V by one D x D transform H (the attention output is turned back: o = o' H), K and the queries by a
+per-head transform that mixes kept channels only with kept channels (blocks of the kept channels,
+in order, of the largest power of 2 dividing their count), so the kept channels' dot products, and
+with them LeanK's pruned scores, are unchanged. Quantization then meets no outlier channel. The
+kernels see ordinary K, V and queries: nothing in them changes.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leank.kernels import dispatch
-from leank.kernels.quant import packed_width
+from leank.kernels.quant import hadamard, packed_width
 from leank.kernels.reference import MiddleGroup, gather_channels
 from leank.runtime.cache.base import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow, kv_dtype
 from leank.runtime.cache.mask import Mask
@@ -36,6 +43,24 @@ def head_groups(mask_layer: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
         channels = torch.stack([torch.nonzero(mask_layer[h]).flatten() for h in heads.tolist()])
         groups.append((heads, channels))
     return groups
+
+
+def key_rotation(mask_layer: torch.Tensor) -> torch.Tensor:
+    """For one layer's mask (Hkv, D): per head an orthonormal (D, D) transform that maps the kept
+    channels' subspace onto itself (Hadamard blocks over the kept channels, identity elsewhere)."""
+    Hkv, D = mask_layer.shape
+    out = torch.eye(D).repeat(Hkv, 1, 1)
+    for h in range(Hkv):
+        kept = torch.nonzero(mask_layer[h]).flatten()
+        c = kept.numel()
+        if c < 2:
+            continue
+        b = c & -c  # the largest power of 2 dividing c: 16 for 48 kept channels, 64 for 64
+        hb = hadamard(b)
+        for s0 in range(0, c, b):
+            idx = kept[s0 : s0 + b]
+            out[h][idx[:, None], idx[None, :]] = hb
+    return out
 
 
 @dataclass
@@ -59,6 +84,10 @@ class CompressedCache(KVCache):
         self.ops = dispatch.ops_for(self.device)
         self._group_specs = [[(h.to(self.device), c.to(self.device)) for h, c in head_groups(self.mask.kept[i])]
                              for i in range(self.n_layers)]
+        self.rot_v = self.rot_k = None
+        if policy.rotate:
+            self.rot_v = hadamard(args.head_dim, dtype, self.device)
+            self.rot_k = [key_rotation(self.mask.kept[i]).to(self.device, dtype) for i in range(self.n_layers)]
         self.reset()
 
     def reset(self) -> None:
@@ -84,6 +113,9 @@ class CompressedCache(KVCache):
         return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.kv_dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rot_v is not None:
+            k = torch.matmul(k, self.rot_k[layer].unsqueeze(0))  # (B, Hkv, T, D) @ (1, Hkv, D, D)
+            v = torch.matmul(v, self.rot_v)
         st = self.layers[layer]
         n, T = st.full_len, k.shape[2]
         st.full_k = grow(st.full_k, n, n + T, self._alloc_full, 2)
@@ -93,6 +125,13 @@ class CompressedCache(KVCache):
         st.full_len = n + T
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        if self.rot_v is None:
+            return self._attend(layer, q)
+        B, Hq, T, D = q.shape  # query head h reads KV head h // (Hq // Hkv): turn it as that head's keys
+        qr = torch.matmul(q.reshape(B, self.n_kv_heads, -1, T, D), self.rot_k[layer].view(1, self.n_kv_heads, 1, D, D))
+        return torch.matmul(self._attend(layer, qr.reshape(B, Hq, T, D)), self.rot_v)  # H is symmetric: H^-1 = H
+
+    def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         st = self.layers[layer]
         T = q.shape[2]
         fk, fv = st.full_k[:, :, : st.full_len], st.full_v[:, :, : st.full_len]

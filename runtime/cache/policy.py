@@ -7,6 +7,9 @@ Tokens live in two regions per layer:
   `mask` keeps (LeanK); middle K and V may be quantized to `k_bits`/`v_bits` (KIVI: K per channel over
   groups of `group_size` tokens, V per token over groups of `group_size` channels). 16 bits = not
   quantized (stored exactly, in the compute dtype: float16/bfloat16 on GPU, float32 on CPU).
+`rotate` turns K and V by orthonormal Hadamard transforms before they are stored (V over each head's
+channels, K within each head's kept channels), so that quantization meets no outlier channel;
+attention is unchanged in exact arithmetic (see `leank.runtime.cache.compressed`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class CachePolicy:
     sink_tokens: int = defaults.SINK_TOKENS
     recent_tokens: int = defaults.RECENT_TOKENS
     block_tokens: int = defaults.BLOCK_TOKENS
+    rotate: bool = False
 
     @property
     def is_dense(self) -> bool:
@@ -58,6 +62,10 @@ class CachePolicy:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise LeankError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.rotate, bool):
+            raise LeankError(f"rotate must be True or False, got {self.rotate!r}")
+        if self.rotate and head_dim is not None and head_dim & (head_dim - 1):
+            raise LeankError(f"rotate needs a power-of-2 head_dim (Hadamard transform), got {head_dim}")
         if self.block_tokens % self.group_size:
             raise LeankError(f"block_tokens ({self.block_tokens}) must be a multiple of group_size ({self.group_size}): "
                              "K is quantized over groups of group_size tokens")
@@ -76,7 +84,8 @@ class CachePolicy:
         if self.mask is not None:
             parts.append(f"{100 * (1 - self.mask.kept_fraction):.0f}% K channels pruned ({self.mask.provenance.method})")
         if self.k_bits < 16 or self.v_bits < 16:
-            parts.append(f"K {self.k_bits}-bit, V {self.v_bits}-bit, group {self.group_size}")
+            parts.append(f"K {self.k_bits}-bit, V {self.v_bits}-bit, group {self.group_size}"
+                         + (", Hadamard-rotated" if self.rotate else ""))
         if not self.is_dense:
             parts.append(f"sink {self.sink_tokens}, recent {self.recent_tokens}, block {self.block_tokens}")
         return "; ".join(parts)
@@ -90,5 +99,6 @@ class CachePolicy:
             "sink_tokens": self.sink_tokens,
             "recent_tokens": self.recent_tokens,
             "block_tokens": self.block_tokens,
+            "rotate": self.rotate,
             "mask": None if self.mask is None else self.mask.stats(),
         }

@@ -38,6 +38,7 @@ K_GROUP = "leank.cache.group_size"
 K_SINK = "leank.cache.sink_tokens"
 K_RECENT = "leank.cache.recent_tokens"
 K_BLOCK = "leank.cache.block_tokens"
+K_ROTATE = "leank.cache.rotate"  # uint32 1: Hadamard-rotated K/V (optional: files before it have none)
 
 _POLICY_KEYS = {K_K_BITS: "k_bits", K_V_BITS: "v_bits", K_GROUP: "group_size", K_SINK: "sink_tokens",
                 K_RECENT: "recent_tokens", K_BLOCK: "block_tokens"}
@@ -90,6 +91,10 @@ def read_leank_metadata(f, args, check_fingerprint: bool = True) -> LeankMetadat
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKENS_SETTING:
             raise LeankError(f"{where}: {key} = {_short(value)} is not a valid setting")
         settings[name] = value
+    rotate = f.get(K_ROTATE, max_items=0) if K_ROTATE in f.fields else 0
+    if rotate not in (0, 1) or isinstance(rotate, bool):
+        raise LeankError(f"{where}: {K_ROTATE} = {_short(rotate)} is not 0 or 1")
+    settings["rotate"] = bool(rotate)
     mask = None
     if K_MASK_SHAPE in f.fields:
         mask = _read_mask(f, where, (args.n_layers, args.n_kv_heads, args.head_dim))
@@ -190,6 +195,8 @@ def write_leank_metadata(writer, policy: CachePolicy, fingerprint: str) -> None:
     writer.add_string(K_FINGERPRINT, fingerprint)
     for key, name in _POLICY_KEYS.items():
         writer.add_uint32(key, int(getattr(policy, name)))
+    if policy.rotate:
+        writer.add_uint32(K_ROTATE, 1)
     mask = policy.mask
     if mask is not None:
         bits = np.packbits(mask.kept.numpy().reshape(-1).astype(np.uint8), bitorder="little")

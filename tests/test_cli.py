@@ -452,8 +452,8 @@ def test_chat_in_a_terminal_edits_like_a_shell(tiny_llama):
         child.expect(r'"user": "(.*?)", "assistant"')
         assert child.match.group(1) == "first pasted line\\nsecond pasted line"
         child.expect(PROMPT)
-        child.send("/save\r")
-        child.expect("unknown command /save")
+        child.send("/sav\r")
+        child.expect("unknown command /sav")
         child.expect(PROMPT)
         child.send("/exit\r")
         child.expect(pexpect.EOF)

@@ -496,7 +496,7 @@ def test_chat_session_file_resumes_saves_and_loads(leank_cli, tiny_llama, tmp_pa
     """--session resumes and autosaves; /save and /load move a conversation between files; a greedy reply
     after resuming is the reply the uninterrupted conversation gives."""
     session, other = tmp_path / "chat.session", tmp_path / "other.session"
-    args = ("chat", tiny_llama, "-n", "5", "--temp", "0", "--json")
+    args = ("chat", tiny_llama, "-n", "5", "--temp", "0", "--json", "-t", "1")  # one thread: replies compared bit for bit
     whole = leank_cli(*args, stdin="hello\nhow are you\n")
     assert whole.returncode == 0, whole.stderr
     first = leank_cli(*args, "--session", session, stdin="hello\n")

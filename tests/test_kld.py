@@ -129,7 +129,8 @@ def test_rotated_cache_is_exact_without_quantization_and_differs_with_it(tiny):
     assert policies[specs[1]].rotate and not policies[specs[0]].rotate
     r = kl_divergence(tiny, ids, policies, decode_from=10)
     assert r[specs[1]]["kld_mean"] == pytest.approx(r[specs[0]]["kld_mean"], rel=1e-3, abs=1e-9)
-    assert r[specs[1]]["decode_perplexity"] == pytest.approx(r[specs[0]]["decode_perplexity"], rel=1e-5)
+    # equal up to storage rounding: the CPU cache keeps unquantized K/V in float16, rounded in either basis
+    assert r[specs[1]]["decode_perplexity"] == pytest.approx(r[specs[0]]["decode_perplexity"], rel=1e-4)
     assert r[specs[3]]["kld_mean"] > 1e-8 and r[specs[3]]["kld_mean"] != pytest.approx(r[specs[2]]["kld_mean"], rel=1e-3)
 
 

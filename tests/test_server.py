@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,12 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The server and the library compare greedy replies token for token: both run this many threads, since
+# the default follows the machine's load (cli.options.default_threads) and a prompt's BLAS sums differ
+# in their last bits between thread counts, enough to turn a 135M model's greedy reply.
+THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
 class ServerProcess:
     def __init__(self, args: list[str], tmp: Path):
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(tmp / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "leank.cli", "serve", "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "leank.cli", "serve", "--port", str(self.port),
+                                      "--threads", str(THREADS), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -108,7 +116,12 @@ def library(default_model):
 
     def greedy(messages, max_tokens):
         ids = m.chat_tokens(messages)
-        steps = list(m.stream(ids, max_tokens=max_tokens, temperature=0, policy=policy))
+        before = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            steps = list(m.stream(ids, max_tokens=max_tokens, temperature=0, policy=policy))
+        finally:
+            torch.set_num_threads(before)
         return "".join(s.text for s in steps), len(ids), steps[-1].stats.generated_tokens
 
     return greedy

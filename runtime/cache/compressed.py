@@ -113,7 +113,8 @@ class CompressedCache(KVCache):
         return torch.empty(self.batch, self.n_kv_heads, cap, self.head_dim, device=self.device, dtype=self.kv_dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.rot_v is not None:
+        if self.rot_v is not None:  # in the compute dtype: K/V may come from a float16 CPU cache (`compress_cache`)
+            k, v = k.to(self.dtype), v.to(self.dtype)
             k = torch.matmul(k, self.rot_k[layer].unsqueeze(0))  # (B, Hkv, T, D) @ (1, Hkv, D, D)
             v = torch.matmul(v, self.rot_v)
         st = self.layers[layer]

@@ -77,20 +77,27 @@ def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str
             "cache_ratio_vs_fp16": b.ratio}
 
 
+def turn_off_extra_bufts() -> None:
+    """llama.cpp without its extra buffer types (AMX, weight repacking): Llama() has no argument for it, so
+    the default model parameters it starts from are changed for this process."""
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def without_extra_bufts():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = without_extra_bufts
+
+
 def worker_llama_cpp(model_path: str, ctx: int, tokens: int, threads: int, cache: str, extra_bufts: bool) -> dict:
     import llama_cpp
-    import llama_cpp.llama_cpp as capi
     import numpy as np
 
-    if not extra_bufts:  # Llama() has no argument for it: set it in the default parameters it starts from
-        default = capi.llama_model_default_params
-
-        def without_extra_bufts():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        capi.llama_model_default_params = without_extra_bufts
+    if not extra_bufts:
+        turn_off_extra_bufts()
     type_kv, flash = LLAMA_CACHES[cache]
     llm = llama_cpp.Llama(model_path, n_ctx=ctx + tokens + 8, n_threads=threads, n_batch=512, verbose=False,
                           type_k=type_kv, type_v=type_kv, flash_attn=flash)

@@ -31,7 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import llama_cpp
-    import llama_cpp.llama_cpp as capi
+    from decode_cpu import turn_off_extra_bufts  # bench/ is the script's folder: sys.path[0]
 
     import leank
     from leank.kernels import ggml_cpu
@@ -44,14 +44,7 @@ def main() -> None:
     ours = m.perplexity(ids)["perplexity"]
     ours_decode = m.perplexity(ids, decode_from=a.decode_from)["perplexity"]
     if a.no_extra_bufts:
-        default = capi.llama_model_default_params
-
-        def without_extra_bufts():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        capi.llama_model_default_params = without_extra_bufts
+        turn_off_extra_bufts()
     llm = llama_cpp.Llama(str(m.path), n_ctx=a.tokens + 8, logits_all=True, verbose=False, n_threads=a.threads)
     llm.eval(ids)
     logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)

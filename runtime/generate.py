@@ -42,8 +42,10 @@ def apply_penalties(logits: torch.Tensor, history: Sequence[int], params: Sampli
     """`logits` with llama.cpp's repetition penalties for the last `repeat_last_n` tokens of `history`:
     a seen token's logit is divided by `repeat_penalty` when positive and multiplied by it when negative,
     then lowered by `presence_penalty` plus `frequency_penalty` times its count."""
-    recent = list(history)[-params.repeat_last_n:] if params.repeat_last_n > 0 else []
-    if not recent or not params.penalizes:
+    if not params.penalizes:  # the default: nothing to copy or count on the decode step
+        return logits
+    recent = list(history)[-params.repeat_last_n:]
+    if not recent:
         return logits
     ids, counts = torch.unique(torch.tensor(recent, dtype=torch.long), return_counts=True)
     ids, counts = ids[ids < logits.shape[-1]], counts[ids < logits.shape[-1]]

@@ -4,8 +4,7 @@ import torch
 from leank.runtime.cache.base import kv_dtype
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.compressed import CompressedCache
-from leank.runtime.cache.plan import planned_nbytes
-from leank.convert.inspect import kv_summary
+from leank.runtime.cache.plan import kv_summary, planned_nbytes
 from leank.runtime.cache.policy import CachePolicy
 from leank.runtime.cache.mask import Mask
 

@@ -30,12 +30,13 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import leank
-    from leank.runtime import model as model_mod
+    from leank.masks.choose import build_policy
+    from leank.runtime.model import transformer as model_mod
     from leank.kernels import ggml_cpu
     from leank.runtime.model.linear import QuantLinear
 
     m = leank.load(a.model, device="cpu")
-    cache = m.new_cache() if a.kv is None else m.new_cache(policy=leank.runtime.policy.build_policy(m, kv=a.kv))
+    cache = m.new_cache() if a.kv is None else m.new_cache(policy=build_policy(m, kv=a.kv))
     times: dict = collections.defaultdict(float)
     calls: dict = collections.Counter()
     nbytes: dict = collections.Counter()

@@ -27,7 +27,7 @@ import torch
 
 from leank.kernels import reference
 
-SOURCES = ("cpu_decode.c", "cpu_matmul.c", "ggml_matmul.c")
+SOURCES = ("cpu_decode.c", "cpu_matmul.c")
 HEADERS = ("cpu_common.h",)
 HERE = Path(__file__).resolve().parent
 
@@ -58,24 +58,35 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join((HERE / s).read_bytes() for s in SOURCES + HEADERS)
+    return build_library(cc, "leank-cpu", [HERE / s for s in SOURCES], [HERE / h for h in HEADERS])
+
+
+# -march=native first; without it when the compiler refuses; plain -O3 last (no OpenMP: one thread)
+# -fno-trapping-math lets the branch-free exp vectorize (no code here reads floating-point flags)
+FLAG_SETS = (["-O3", "-fno-trapping-math", "-march=native", "-fopenmp"],
+             ["-O3", "-fno-trapping-math", "-fopenmp"], ["-O3"])
+
+
+def build_library(cc: str, name: str, sources: list[Path], headers: list[Path], compile_args: tuple[str, ...] = (),
+                  link_args: tuple[str, ...] = (), flag_sets=FLAG_SETS, key_extra: str = "") -> Path:
+    """Compile `sources` into `cache_dir()/name-KEY.so` (KEY: a hash of the sources, headers, compiler,
+    CPU, flags and `key_extra`), unless that file exists; the first flag set that compiles wins.
+    OpenMP links against the libgomp torch has already loaded (same soname), so both share one pool."""
+    src = b"".join(f.read_bytes() for f in [*sources, *headers])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    # OpenMP links against the libgomp torch has already loaded (same soname), so both share one pool
-    # -fno-trapping-math lets the branch-free exp vectorize (no code here reads floating-point flags)
-    flag_sets = (["-O3", "-fno-trapping-math", "-march=native", "-fopenmp"],
-                 ["-O3", "-fno-trapping-math", "-fopenmp"], ["-O3"])
-    key = hashlib.sha256(src + version.encode() + _cpu_signature().encode() + repr(flag_sets).encode()).hexdigest()[:16]
-    out = cache_dir() / f"leank-cpu-{key}.so"
+    key = hashlib.sha256(src + version.encode() + _cpu_signature().encode() + repr(flag_sets).encode()
+                         + repr((compile_args, link_args)).encode() + key_extra.encode()).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():  # a few seconds, once per machine: say so on a terminal, stay quiet in pipelines
-        print("leank: building the CPU kernels (once, a few seconds)...", file=sys.stderr, flush=True)
+        print(f"leank: building {name} (once, a few seconds)...", file=sys.stderr, flush=True)
     errors = []
     for flags in flag_sets:
         fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cc, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, *(str(HERE / s) for s in SOURCES), "-lm"]
+        cmd = [cc, *flags, "-std=c11", "-shared", "-fPIC", *compile_args, "-o", tmp, *map(str, sources), *link_args, "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode == 0:
             os.replace(tmp, out)
@@ -95,9 +106,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.leank_qmatmul
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i64, p, i]  # type, w, row bytes, N, K, x, T, y, ldy, bias, threads
-    fn = lib.leank_ggml_matmul
-    fn.restype = i
-    fn.argtypes = [p, p, i64, p, i64, i, i, p, i, p, i64, p, i]  # dot, quantize, act row bytes, w, row bytes, N, K, x, T, y, ldy, bias, threads
     fn = lib.leank_dequantize_rows
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i]  # type, w, row bytes, N, K, ids, n, out, threads

@@ -1,21 +1,27 @@
-"""ggml's CPU row kernels (the ones llama.cpp multiplies with), borrowed from llama-cpp-python's install.
+"""ggml's CPU matrix multiply (the one llama.cpp runs), borrowed from llama-cpp-python's install.
 
-llama-cpp-python ships ggml's CPU backend as `llama_cpp/lib/libggml-cpu.so`, built for the machine it
-was installed on. `ggml_get_type_traits_cpu(type)` gives, per weight type, the dot product of a weight
-row with an activation row quantized to 8 bits (`vec_dot`), the activation type it pairs with
-(`vec_dot_type`: Q8_0, Q8_1 or Q8_K) and, through that type's own traits, the quantizer (`from_float`).
-`kernels/ggml_matmul.c` (built with leank's other CPU kernels) calls the two over OpenMP threads.
+llama-cpp-python ships ggml's CPU backend (`llama_cpp/lib/libggml-cpu.so`, built for the machine it was
+installed on) and its headers (`site-packages/include`). `kernels/ggml_graph.c`, compiled here against
+those headers and linked to those libraries, multiplies a quantized matrix by float32 activations as a
+one-node ggml graph (`ggml_mul_mat`, `ggml_graph_compute` on ggml's thread pool): the activations are
+quantized to 8 bits per block and multiplied by ggml's integer kernels, row by row for a decode step,
+tiled for a prompt. Each matrix is a ggml tensor over leank's bytes (the memory-mapped file's blocks),
+or, for the types ggml interleaves on this CPU (Q4_0 and Q4_K on an AVX2 or AVX-512 x86, among others),
+ggml's repacked copy, as llama.cpp's CPU backend holds them by default: on the 1.5B Qwen2.5-Coder
+(mostly Q4_K) a decode step takes 92 ms instead of 120 (2 threads), a 512-token prompt ~30 % longer
+(bench/RESULTS.md). LEANK_GGML_REPACK=0 keeps every matrix in the file's layout.
 
 Why borrow rather than write: on the 1.5B Qwen2.5-Coder (Q4_K + Q6_K) leank's float32-activation C
-kernels read the weights at 1.3-3.9 GB/s on this project's 2-core VM, llama.cpp at ~30 (issue 16);
-its integer kernels are per-ISA SIMD that llama.cpp keeps current. The cost: the activations are
-quantized to 8 bits per block, exactly as llama.cpp does (fidelity then matches llama.cpp's own).
+kernels read the weights at 1.3-3.9 GB/s on this project's 2-core VM, llama.cpp at ~30 (issue 16); a
+512-row prompt through ggml's multiply takes half the time of decoding the matrix to float32 for BLAS
+(bench/RESULTS.md). Its integer kernels are per-ISA SIMD that llama.cpp keeps current. The cost: the
+activations are quantized to 8 bits per block, exactly as llama.cpp does (fidelity then matches
+llama.cpp's own), and products are not bitwise the same for a row fed alone and within a prompt
+(llama.cpp's are not either).
 
-The struct read here is `ggml_type_traits_cpu` from `ggml-cpu.h` of llama-cpp-python 0.3.36 (ggml
-0.25.3; the header is installed with the package, in site-packages/include): from_float, vec_dot
-(pointers), vec_dot_type (enum, int), nrows (int64). Another version may lay it out differently, so
-only the versions in ABI_CHECKED are used; anything else, a missing library or symbol, or
-LEANK_GGML=0, falls back to `cpu_matmul.c` (`unavailable_reason()` says why).
+Only the llama-cpp-python versions in ABI_CHECKED are used (the headers are compiled against, but
+the library must be the one they describe); anything else, missing headers, libraries or compiler, or
+LEANK_GGML=0, falls back to leank's own kernels (`cpu_matmul.c`; `unavailable_reason()` says why).
 """
 from __future__ import annotations
 
@@ -29,63 +35,68 @@ import torch
 
 from leank.kernels import cpu
 
-# llama-cpp-python versions whose ggml-cpu.h was read for the struct below (and tested)
+# llama-cpp-python versions whose headers and ggml library this module was written and tested against
 ABI_CHECKED = ("0.3.36",)
 
 # GGML type ids this module multiplies (the same set as cpu_matmul.c)
 TYPES = cpu.BLOCK_TYPES
 
-
-class _TypeTraitsCpu(ctypes.Structure):
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
-                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
-
+# ggml_backend_cpu_buffer_from_ptr wants this alignment (ggml's TENSOR_ALIGNMENT); see ggml_graph.c
+ALIGN = 32
 
 _state: dict = {}
 
 
-def _lib_dir() -> Path | None:
+def _site() -> Path | None:
     spec = importlib.util.find_spec("llama_cpp")  # without importing it: its import loads libllama too
     if spec is None or spec.origin is None:
         return None
-    return Path(spec.origin).parent / "lib"
+    return Path(spec.origin).parent
+
+
+def _lib_dir() -> Path | None:
+    site = _site()
+    return None if site is None else site / "lib"
 
 
 def _load():
     if os.environ.get("LEANK_GGML", "1").lower() in ("0", "no", "off", "false"):
         return None, "disabled by LEANK_GGML"
-    if cpu.library() is None:
-        return None, f"leank's C kernels are unavailable ({cpu.unavailable_reason()})"
     try:
         version = importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
         return None, "llama-cpp-python is not installed"
     if version not in ABI_CHECKED:
         return None, f"llama-cpp-python {version} is not a version whose ggml ABI leank was checked against ({', '.join(ABI_CHECKED)})"
-    d = _lib_dir()
-    path = None if d is None else d / "libggml-cpu.so"
-    if path is None or not path.exists():
-        return None, f"no libggml-cpu.so in llama-cpp-python's install ({d})"
+    lib_dir = _lib_dir()
+    include = None if lib_dir is None else lib_dir.parent.parent / "include"
+    if lib_dir is None or not (lib_dir / "libggml-cpu.so").exists():
+        return None, f"no libggml-cpu.so in llama-cpp-python's install ({lib_dir})"
+    if not (include / "ggml-cpu.h").exists():
+        return None, f"no ggml headers in llama-cpp-python's install ({include})"
+    cc = cpu._compiler()
+    if cc is None:
+        return None, "no C compiler (cc, gcc or clang) found"
     try:
+        path = cpu.build_library(
+            cc, "leank-ggml", [cpu.HERE / "ggml_graph.c"], [], compile_args=("-I", str(include)),
+            link_args=(f"-L{lib_dir}", "-lggml-base", "-lggml-cpu", "-lpthread", f"-Wl,-rpath,{lib_dir}"),
+            flag_sets=(["-O2"],), key_extra=f"{version} {lib_dir}")
         lib = ctypes.CDLL(str(path))
-        base = ctypes.CDLL(str(d / "libggml-base.so"))
-        lib.ggml_cpu_init.restype = None
-        lib.ggml_cpu_init()
-        lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
-        lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-        base.ggml_row_size.restype = ctypes.c_size_t
-        base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    except (OSError, AttributeError) as e:
+    except Exception as e:  # a broken toolchain must not stop leank
         return None, f"ggml's CPU library could not be used: {e}"
-    kernels = {}
-    for t in TYPES:
-        tr = lib.ggml_get_type_traits_cpu(t).contents
-        act = lib.ggml_get_type_traits_cpu(tr.vec_dot_type).contents
-        if tr.vec_dot and act.from_float:
-            kernels[t] = (tr.vec_dot, act.from_float, tr.vec_dot_type)
-    if not kernels:
-        return None, "ggml's CPU library has no row kernels for leank's block types"
-    return (lib, base, kernels), None
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.leank_ggml_init.restype = i
+    lib.leank_ggml_weight.restype = p
+    lib.leank_ggml_weight.argtypes = [i, p, i64, i64, i64, i]  # type, data, rows, k, row bytes, repack
+    lib.leank_ggml_weight_repacked.restype = i
+    lib.leank_ggml_weight_repacked.argtypes = [p]
+    lib.leank_ggml_weight_free.restype = None
+    lib.leank_ggml_weight_free.argtypes = [p]
+    lib.leank_ggml_mul.restype = i
+    lib.leank_ggml_mul.argtypes = [p, i, p, i64, p, i64, i]  # weights, parts, x, T, y, ldy, threads
+    lib.leank_ggml_init()
+    return lib, None
 
 
 def _loaded():
@@ -107,23 +118,72 @@ def version() -> str:
     return importlib.metadata.version("llama_cpp_python")
 
 
-def bind(qtype: int, blocks: torch.Tensor, k: int):
-    """(C function, its leading arguments) multiplying `blocks` (rows, row bytes) of GGML type `qtype`
-    by ggml's kernels, or None when ggml is unavailable or has no kernel for the type. The call then
-    takes (x, T, y, ldy, bias, threads), the same trailing arguments as `leank_qmatmul`."""
-    loaded = _loaded()
-    if loaded is None or qtype not in loaded[2]:
+def aligned(blocks: torch.Tensor) -> torch.Tensor:
+    """`blocks` itself when ggml can take its address, else an aligned copy."""
+    if blocks.data_ptr() % ALIGN == 0 and blocks.is_contiguous():
+        return blocks
+    raw = torch.empty(blocks.numel() + ALIGN, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % ALIGN
+    return raw[off : off + blocks.numel()].view(blocks.shape).copy_(blocks)
+
+
+class Matrix:
+    """Parts of one matrix (rows of GGUF blocks, each part of one type, stacked along the output rows)
+    as ggml tensors over their bytes; `matmul(x)` multiplies them all in one graph."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, int]], k: int):
+        lib = _loaded()
+        self._lib, self.k = lib, k
+        self.parts = [(aligned(b), t) for b, t in parts]  # held: the handles point into them
+        self.out_features = sum(b.shape[0] for b, _ in self.parts)
+        repack = int(os.environ.get("LEANK_GGML_REPACK", "1").lower() not in ("0", "no", "off", "false"))
+        handles = [lib.leank_ggml_weight(t, b.data_ptr(), b.shape[0], k, b.shape[1], repack) for b, t in self.parts]
+        self._handles = (ctypes.c_void_p * len(handles))(*handles)
+        if not all(handles):
+            self.close()
+            raise ValueError("ggml cannot take these blocks")
+        # per part: True when ggml holds its own interleaved copy (the blocks then only serve `rows`)
+        self.repacked = [bool(lib.leank_ggml_weight_repacked(h)) for h in handles]
+
+    def matmul(self, x: torch.Tensor, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, out_features) float32 = x (T, k) float32 contiguous times the matrix's transpose (into
+        `out`, a contiguous float32 (T, out_features) tensor, when given)."""
+        T = x.shape[0]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (T, self.k):
+            raise ValueError(f"expected a contiguous float32 ({T}, {self.k}) tensor")
+        y = torch.empty(T, self.out_features) if out is None else out
+        if y.dtype != torch.float32 or not y.is_contiguous() or y.shape != (T, self.out_features):
+            raise ValueError(f"out must be a contiguous float32 ({T}, {self.out_features}) tensor")
+        rc = self._lib.leank_ggml_mul(self._handles, len(self.parts), x.data_ptr(), T, y.data_ptr(),
+                                      self.out_features, threads)
+        if rc:
+            raise RuntimeError("ggml's matrix multiply rejected its arguments")
+        return y
+
+    def close(self) -> None:
+        handles, self._handles = self._handles, None
+        for h in handles or ():
+            if h:
+                self._lib.leank_ggml_weight_free(h)
+
+    def __del__(self):
+        if getattr(self, "_handles", None) is not None:
+            self.close()
+
+
+def matrix(parts: list[tuple[torch.Tensor, int]], k: int) -> Matrix | None:
+    """A `Matrix` over `parts`, or None when ggml is unavailable or takes neither a part's type nor its
+    layout (the caller then uses leank's own kernels)."""
+    if _loaded() is None or len(parts) > 8 or any(t not in TYPES for _, t in parts):
         return None
-    _, base, kernels = loaded
-    dot, quantize, act_type = kernels[qtype]
-    if base.ggml_row_size(qtype, k) != blocks.shape[1]:  # ggml's idea of a row must be the file's
+    try:
+        return Matrix(parts, k)
+    except ValueError:
         return None
-    fn = cpu.library().leank_ggml_matmul
-    return fn, (dot, quantize, base.ggml_row_size(act_type, k), blocks.data_ptr(), blocks.shape[1], blocks.shape[0], k)
 
 
 def matmul_path() -> str:
     """Which kernels multiply quantized matrices on a CPU, for `leank info`."""
     if available():
-        return f"ggml's CPU kernels (llama-cpp-python {version()}; activations quantized to 8 bits, as llama.cpp)"
+        return f"ggml's CPU matrix multiply (llama-cpp-python {version()}; activations quantized to 8 bits, as llama.cpp)"
     return f"leank's C kernels (float32 activations; ggml's unavailable: {unavailable_reason()})"

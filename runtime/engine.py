@@ -248,6 +248,7 @@ def load(path: str | os.PathLike[str] | None = None, device: str | torch.device 
     if policy is None:
         policy = policy_from_file(f, args)  # validates embedded metadata before the weights are read
     transformer = load_transformer(f, args, dev, dt, weights=weights, progress=tick)
+    f.release_pages()
     return Model(path, f, args, transformer, policy)
 
 

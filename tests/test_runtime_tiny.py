@@ -48,20 +48,28 @@ def test_float32_logits_match_llama_cpp(make_tiny, name):
     ("F16", {}), ("BF16", {}), ("Q8_0", {}), ("Q4_0", {}), ("Q4_1", {}), ("Q5_0", {}), ("Q5_1", {}),
     ("Q4_K", dict(dim=256, ffn_dim=256)), ("Q5_K", dict(dim=256, ffn_dim=256)), ("Q6_K", dict(dim=256, ffn_dim=256)),
 ])
-def test_every_tensor_type_loads_as_its_dequantized_values(make_tiny, tmp_path, tensor_type, extra):
+def test_every_tensor_type_loads_as_its_dequantized_values(make_tiny, tmp_path, tensor_type, extra, monkeypatch):
     """A model stored as `tensor_type` computes exactly what its float32 re-export computes."""
     path = make_tiny(arch="qwen2", tensor_type=tensor_type, **extra)
     f32 = write_float32_copy(path, tmp_path / "f32.gguf")
     ids = leank.load(f32, device="cpu").tokenize(TEXT)[:64]
     exact = leank.load(path, device="cpu", weights="float32").logits(ids)
     assert torch.equal(exact, leank.load(f32, device="cpu").logits(ids))
-    # the default CPU storage: quantized blocks multiplied in C (the same weights, float32 sums in another
-    # order) where the kernels know the type, float16 copies otherwise (close, not identical)
+    # the default CPU storage: quantized blocks multiplied in C where the kernels know the type, float16
+    # copies otherwise (close, not identical). leank's own kernels use the same weights, float32 sums
+    # in another order. ggml's (the default where installed) quantize activations to 8 bits: about 1 %
+    # per product (tests/test_ggml_cpu.py bounds it), which these random models, with activations in
+    # the tens of thousands, amplify from layer to layer (the Q6_K one ends 60 % off in its largest
+    # logit); their fidelity is checked against llama.cpp on real models (tests/test_fidelity.py)
+    from leank.kernels import ggml_cpu
     from leank.runtime.model.linear import quantized_kernels_for
 
-    fast = leank.load(path, device="cpu").logits(ids)
+    with monkeypatch.context() as mp:
+        mp.setattr(ggml_cpu, "_state", {"loaded": None, "why": "turned off by the test"})
+        own = leank.load(path, device="cpu").logits(ids)
     tol = 1e-4 if quantized_kernels_for(tensor_type) else 2e-2
-    assert (fast - exact).abs().max() < tol * exact.abs().max()
+    assert (own - exact).abs().max() < tol * exact.abs().max()
+    assert torch.isfinite(leank.load(path, device="cpu").logits(ids)).all()
     # forced to float16, every type still loads and stays close
     half = leank.load(path, device="cpu", weights="float16").logits(ids)
     assert (half - exact).abs().max() < 2e-2 * exact.abs().max()

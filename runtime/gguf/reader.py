@@ -347,6 +347,24 @@ class GGUFFile:
         """Shape in torch order (GGUF dims reversed: rows first)."""
         return self.tensors[name].numpy_shape
 
+    def release_pages(self, names: list[str] | None = None) -> None:
+        """Let the kernel drop this process's resident pages of the file (all of it, or tensors `names`):
+        they stay in the page cache and come back on the next read. After a tensor was copied (dequantized,
+        repacked) its pages no longer count in the process's memory; what is still read from the map
+        comes back as it is read. An advice: never an error."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        ranges = [(0, self.size)] if names is None else [
+            (self.tensors[n].data_offset, self.tensors[n].n_bytes) for n in names if n in self.tensors]
+        page = mmap.PAGESIZE
+        for start, length in ranges:
+            lo, hi = start // page * page, min(self.size, start + length)
+            if hi > lo:
+                try:
+                    self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                except (OSError, ValueError):
+                    pass
+
     def tensor_data(self, t: TensorInfo) -> np.ndarray:
         """The stored data, read-only: float arrays for float types, rows of block bytes for the rest
         (the layout gguf-py's dequantizers take)."""

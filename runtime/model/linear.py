@@ -1,13 +1,14 @@
 """Weight matrices and how they are multiplied.
 
 Decoding is bound by reading the weights. On a CPU leank keeps a quantized GGUF's matrices in the
-file's own blocks and multiplies them straight from those blocks, reading their 4.5-8.5 bits a weight
-instead of float16's 16: with ggml's own row kernels where llama-cpp-python installed them
-(`leank.kernels.ggml_cpu`: activations quantized to 8 bits, as llama.cpp does), else with leank's C
-kernels (`leank.kernels.cpu`, compiled on first use: float32 activations times weights decoded exactly
-as ggml decodes them). Types neither knows (and machines without a C compiler) store matrices in
-float16 and use FBGEMM's fp16 kernel, which computes in float32. A float32 file keeps float32 weights,
-so leank reproduces llama.cpp's float32 arithmetic exactly.
+file's own blocks (the memory-mapped file itself: no copy) and multiplies them straight from those
+blocks, reading their 4.5-8.5 bits a weight instead of float16's 16: with ggml's own matrix multiply
+where llama-cpp-python installed it (`leank.kernels.ggml_cpu`: activations quantized to 8 bits, as
+llama.cpp does; a prompt goes through ggml's tiled kernels too), else with leank's C kernels
+(`leank.kernels.cpu`, compiled on first use: float32 activations times weights decoded exactly as ggml
+decodes them). Types neither knows (and machines without a C compiler) store matrices in float16 and
+use FBGEMM's fp16 kernel, which computes in float32. A float32 file keeps float32 weights, so leank
+reproduces llama.cpp's float32 arithmetic exactly.
 """
 from __future__ import annotations
 
@@ -19,12 +20,9 @@ from leank.kernels import cpu, ggml_cpu
 
 WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
 
-# Up to this many rows of activations, quantized matrices multiply in C straight from their blocks;
-# more rows (a prompt) amortize decoding the matrix to float32 once for a BLAS matmul.
+# Without ggml: up to this many rows of activations, quantized matrices multiply in C straight from
+# their blocks; more rows (a prompt) amortize decoding the matrix to float32 once for a BLAS matmul.
 QUANT_DIRECT_ROWS = 8
-# The same with ggml's row kernels: one layer of the 1.5B Qwen2.5-Coder (2 threads, this project's VM
-# at load 7-9): 32 rows 220 ms direct vs 352 ms decoded + BLAS, 512 rows 1360 vs 796 ms.
-GGML_DIRECT_ROWS = 32
 
 
 def fp16_kernels_available() -> bool:
@@ -86,28 +84,39 @@ class QuantLinear(Linear):
     v of different types stay separate parts)."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, int]], in_features: int, bias: torch.Tensor | None = None):
-        self.parts, self.k = parts, in_features
+        self.k = in_features
         self.bias = None if bias is None else bias.float().contiguous()
-        self._out = sum(b.shape[0] for b, _ in parts)
+        # ggml's multiply where llama-cpp-python's install has it (`leank.kernels.ggml_cpu`); it keeps the
+        # parts it was given (the same bytes, or aligned copies) so that its tensors stay valid
+        self._ggml = ggml_cpu.matrix(parts, in_features)
+        self.parts = self._ggml.parts if self._ggml is not None else parts
+        self._out = sum(b.shape[0] for b, _ in self.parts)
         self._lib = cpu.library()
-        # per part: the C function, its fixed arguments and the part's first output column; ggml's row
-        # kernels where llama-cpp-python's install has them (`leank.kernels.ggml_cpu`), else cpu_matmul.c
+        # else per part: cpu_matmul.c's function, its fixed arguments and the part's first output column
         self._calls, col = [], 0
-        for b, t in parts:
-            fn, fixed = ggml_cpu.bind(t, b, in_features) or (self._lib.leank_qmatmul, (t, b.data_ptr(), b.shape[1], b.shape[0], in_features))
-            self._calls.append((fn, fixed, col))
-            col += b.shape[0]
-        ggml = all(fn.__name__ == "leank_ggml_matmul" for fn, _, _ in self._calls)
-        self._direct_rows = GGML_DIRECT_ROWS if ggml else QUANT_DIRECT_ROWS
+        if self._ggml is None:
+            for b, t in self.parts:
+                self._calls.append((self._lib.leank_qmatmul, (t, b.data_ptr(), b.shape[1], b.shape[0], in_features), col))
+                col += b.shape[0]
+
+    @property
+    def kernel(self) -> str:
+        """'ggml' or 'leank' (cpu_matmul.c), for tests and `leank info`."""
+        return "ggml" if self._ggml is not None else "leank"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
-        T = x2.shape[0]
-        if T > self._direct_rows:
-            return F.linear(x2.float(), self.weight, self.bias).view(*lead, self._out)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
+        T = x2.shape[0]
+        if self._ggml is not None:
+            y = self._ggml.matmul(x2, torch.get_num_threads())
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*lead, self._out)
+        if T > QUANT_DIRECT_ROWS:
+            return F.linear(x2, self.weight, self.bias).view(*lead, self._out)
         y = torch.empty(T, self._out)
         yp, xp, n_out, threads = y.data_ptr(), x2.data_ptr(), self._out, torch.get_num_threads()
         bp = None if self.bias is None else self.bias.data_ptr()

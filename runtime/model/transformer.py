@@ -6,7 +6,8 @@ attended (`leank.runtime.cache.dense`); this file never looks inside it.
 """
 from __future__ import annotations
 
-import numpy as np
+import warnings
+
 import torch
 import torch.nn.functional as F
 from gguf.constants import MODEL_TENSOR
@@ -161,22 +162,19 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
         return t
 
     def blocks(name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """Tensor `name` as its stored rows of quantized blocks (a copy, not a view of the file)."""
+        """Tensor `name` as its stored rows of quantized blocks: a view of the memory-mapped file, not a
+        copy (read-only: nothing writes weights), so the file's pages are the weights' only memory."""
         t = checked(name, shape)
-        data = torch.from_numpy(np.array(f.tensor_data(t), copy=True, order="C"))
+        with warnings.catch_warnings():  # torch warns that the array is read-only: it is meant to be
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(f.tensor_data(t))
         if progress is not None:
             progress()
         return data, int(t.tensor_type)
 
     def quantized(names: list[str], shapes: list[tuple[int, ...]]) -> list[tuple[torch.Tensor, int]]:
-        parts: list[tuple[torch.Tensor, int]] = []
-        for n, s in zip(names, shapes):
-            b, t = blocks(n, s)
-            if parts and parts[-1][1] == t:  # same type as the previous part: one matrix
-                parts[-1] = (torch.cat([parts[-1][0], b]), t)
-            else:
-                parts.append((b, t))
-        return parts
+        """One part per tensor (q, k and v stay three parts: concatenating them would copy the file)."""
+        return [blocks(n, s) for n, s in zip(names, shapes)]
 
     def linear(names: list[str], shapes: list[tuple[int, ...]], bias_names: list[str] | None = None) -> Linear:
         modes = {storage_mode(weights, f.tensor_type_name(n), device, dtype) for n in names}
@@ -185,9 +183,14 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
         if bias_names:
             bias = torch.cat([w(n, (s[0],)) for n, s in zip(bias_names, shapes)])
         if mode == "quantized":
-            return QuantLinear(quantized(names, shapes), shapes[0][1], bias)
-        weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
-        return make_linear(weight, bias, mode)
+            lin = QuantLinear(quantized(names, shapes), shapes[0][1], bias)
+        else:
+            weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
+            lin = make_linear(weight, bias, mode)
+        # what was copied (dequantized, or repacked by ggml) leaves memory now, not at the end of loading:
+        # the peak stays near the weights' size; blocks still multiplied in place fault back in when read
+        f.release_pages(names)
+        return lin
 
     a = args
     qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim

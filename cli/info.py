@@ -35,7 +35,9 @@ def info(
     in 4 bits; leank+kivi: pruned K channels and 2-bit K and V, the default compressed cache), the bytes
     of the weights as this machine holds them, the KV cache at --ctx tokens (default: the model's
     context), and the working set of a prompt of that length, against the budget. leank chat --memory
-    and leank serve --memory pick the least compressed that fits when no --kv is given.
+    and leank serve --memory pick the least compressed that fits when no --kv is given. On a CPU a
+    compressed cache's working set is the larger one (a later prompt is scored against its middle
+    tokens in float32, 4096 at a time), so for a small model dense can come out smallest.
 
     Examples: leank info --ctx 8192 --kv leank+kivi --k-bits 4 --v-bits 4; leank info --ctx 32768 --memory 8GiB;
     leank info model.gguf --memory 512MiB --json

@@ -17,7 +17,7 @@ from typing_extensions import Annotated
 
 from leank.cli.output import err, human_bytes as human, memory_sum
 from leank.errors import LeankError
-from leank.masks.choose import build_policy, planner_policies
+from leank.masks.choose import PLANNER_PRESETS, build_policy, planner_policies
 from leank.runtime.defaults import default_model_path
 from leank.runtime.engine import load
 from leank.runtime.generate import SamplingParams
@@ -271,10 +271,11 @@ def memory_option(help: str):
     return typer.Option("--memory", metavar="SIZE", callback=check_size, show_default=False, help=help)
 
 
+CANDIDATES = ", ".join(name for name, _ in PLANNER_PRESETS)  # for help texts
 MemoryOpt = Annotated[Optional[str], memory_option(
     "Memory budget for the weights, the KV cache at --ctx-size and the working set (e.g. 8GiB, 512MiB, 2G). "
-    "Without --kv: the least compressed cache (dense, kivi4, leank+kivi) that fits; with --kv: that cache, "
-    "refused if it cannot fit. See leank info --memory.")]
+    f"Without --kv: the least compressed cache ({CANDIDATES}) that fits; with --kv: that cache, refused if it "
+    "cannot fit. See leank info --memory.")]
 
 
 def policy_choice_given(kv, mask, ratio, k_bits, v_bits) -> bool:

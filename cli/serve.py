@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, ModelOpt,
-                               RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, memory_option,
+from leank.cli.options import (CANDIDATES, DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg,
+                               ModelOpt, RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, memory_option,
                                model_path, parse_size, policy_within_memory)
 from leank.cli.output import err
 from leank.errors import LeankError
@@ -33,7 +33,7 @@ def serve(
                                                            "?action=save|restore.", show_default=False)] = None,
     memory: Annotated[Optional[str], memory_option(
         "Memory budget (e.g. 8GiB, 512MiB, 2G) for the weights, --parallel KV caches at --ctx-size and the working "
-        "set. Without --kv: the least compressed cache (dense, kivi4, leank+kivi) that fits; with --kv: that "
+        f"set. Without --kv: the least compressed cache ({CANDIDATES}) that fits; with --kv: that "
         "cache, refused if it cannot fit. Each request is admitted when its cache at prompt + max_tokens fits, "
         "else waits; one that can never fit is a 503.")] = None,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,

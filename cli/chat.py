@@ -17,10 +17,10 @@ import typer
 from typing_extensions import Annotated
 
 from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeOpt, FrequencyOpt, GroupOpt, KBitsOpt,
-                               KvOpt, MaskOpt, MaxTokensOpt, MinPOpt, ModelArg, ModelOpt, PresenceOpt, RatioOpt,
-                               RecentOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt, SinkOpt, StopOpt, TempOpt,
-                               ThreadsOpt, TopKOpt, TopPOpt, VBitsOpt, check_ctx_size, load_model, model_path,
-                               policy_from_options, read_text_file, sampling_from_options)
+                               KvOpt, MaskOpt, MaxTokensOpt, MemoryOpt, MinPOpt, ModelArg, ModelOpt, PresenceOpt,
+                               RatioOpt, RecentOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt, SinkOpt, StopOpt,
+                               TempOpt, ThreadsOpt, TopKOpt, TopPOpt, VBitsOpt, check_ctx_size, load_model, model_path,
+                               policy_within_memory, read_text_file, sampling_from_options)
 from leank.cli.output import cache_summary, err, human_bytes
 from leank.errors import LeankError
 from leank.runtime.chat import ChatSession
@@ -129,6 +129,7 @@ def chat(
         "--session", metavar="FILE", show_default=False,
         help="Resume the conversation saved in FILE (if it exists) and save it there after every reply: "
              "the compressed cache comes back without re-reading the conversation.")] = None,
+    memory: MemoryOpt = None,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
@@ -146,7 +147,7 @@ def chat(
     interactive = sys.stdin.isatty()
     m = load_model(model_path(model, model_option), device, dtype, quiet=not interactive)
     limit = check_ctx_size(m, ctx_size)
-    policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    policy = policy_within_memory(m, memory, limit, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     session = ChatSession(m, system=system, policy=policy, context_length=limit)
     if session_file is not None:
         check_output(session_file, force=True, inputs=[m.path], what="--session")  # before any turn

@@ -15,12 +15,13 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Annotated
 
-from leank.cli.output import err
+from leank.cli.output import err, human_bytes as human, memory_sum
 from leank.errors import LeankError
-from leank.masks.choose import build_policy
+from leank.masks.choose import PLANNER_PRESETS, build_policy, planner_policies
 from leank.runtime.defaults import default_model_path
 from leank.runtime.engine import load
 from leank.runtime.generate import SamplingParams
+from leank.runtime.memory import first_fitting, loaded_weights, plan_memory
 
 DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}  # the one sampling defaults table
 
@@ -232,3 +233,90 @@ def policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink
     not_a_directory(mask, "--mask")
     return build_policy(model, kv=kv, mask=mask, ratio=ratio, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
                         sink_tokens=sink, recent_tokens=recent)
+
+
+# --- the memory budget (info, chat, serve) -------------------------------------------------------------------
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+              "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512 MiB', '2G', '1.5g', '1000000' -> bytes (K/M/G/T alone are binary, as llama.cpp and
+    free -h mean them; KB/MB/GB decimal)."""
+    t = text.strip().lower().replace(" ", "")
+    digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        value = -1.0
+    size = value * SIZE_UNITS.get(unit, 0)
+    if not 1 <= size <= 2**62:  # an unknown unit, zero, negative, nan or absurd
+        raise LeankError(f"--memory {text!r}: give a size such as 8GiB, 512MiB or 2G")
+    return int(size)
+
+
+def check_size(value: Optional[str]) -> Optional[str]:
+    """The --memory callback: a size, or one usage line naming the option."""
+    if value is not None:
+        try:
+            parse_size(value)
+        except LeankError:
+            raise typer.BadParameter(f"give a size such as 8GiB, 512MiB or 2G (got {value})") from None
+    return value
+
+
+def memory_option(help: str):
+    """--memory SIZE, with the command's own help."""
+    return typer.Option("--memory", metavar="SIZE", callback=check_size, show_default=False, help=help)
+
+
+CANDIDATES = ", ".join(name for name, _ in PLANNER_PRESETS)  # for help texts
+MemoryOpt = Annotated[Optional[str], memory_option(
+    "Memory budget for the weights, the KV cache at --ctx-size and the working set (e.g. 8GiB, 512MiB, 2G). "
+    f"Without --kv: the least compressed cache ({CANDIDATES}) that fits; with --kv: that cache, refused if it "
+    "cannot fit. See leank info --memory.")]
+
+
+def policy_choice_given(kv, mask, ratio, k_bits, v_bits) -> bool:
+    """Whether the command line chose a cache policy (the memory planner then only checks it)."""
+    return any(x is not None for x in (kv, mask, ratio, k_bits, v_bits))
+
+
+def policy_within_memory(model, memory: Optional[str], context: int, kv, mask, ratio, k_bits, v_bits, group_size, sink,
+                         recent, *, parallel: int = 1, prefill_rows: Optional[int] = None):
+    """The cache policy a run uses. Without --memory: the command line's (`policy_from_options`). With
+    it: the least compressed of `planner_policies` whose weights + `parallel` caches at `context` tokens
+    + working set (of a `prefill_rows`-token prefill; None: the whole context) fit, said in one line on
+    stderr; when the command line chose a policy, that one, refused if it cannot fit."""
+    if memory is None:
+        return policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    budget = parse_size(memory)
+
+    def plan(candidates):
+        return plan_memory(candidates, model.args, loaded_weights(model.transformer), device=model.device,
+                           dtype=model.dtype, budget=budget, context=context, parallel=parallel, rows=prefill_rows)
+
+    def planned():
+        return plan(planner_policies(model, group_size=group_size, sink_tokens=sink, recent_tokens=recent))
+
+    given = policy_choice_given(kv, mask, ratio, k_bits, v_bits)
+    if given:
+        policy = policy_from_options(model, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+        rows = plan([(policy.kind, policy)])
+    else:
+        rows = planned()
+    row = first_fitting(rows)
+    if row is None:
+        small = min(rows, key=lambda r: r.total)
+        fix = ", fewer --parallel" if parallel > 1 else ""
+        if given:
+            other = first_fitting(planned())  # would the planner have found one?
+            fix += f", or no --kv (--memory would choose {other.name})" if other is not None else ""
+        what = f"the {small.name} cache you chose" if given else f"no cache fits: the smallest, {small.name},"
+        raise LeankError(f"--memory {memory}: {what} needs {memory_sum(small, context, parallel)}, "
+                         f"{human(-small.margin)} over the budget of {human(budget)}; try a shorter --ctx-size{fix}")
+    named = row.name if row.policy.describe() == row.name else f"{row.name} ({row.policy.describe()})"
+    err.print(f"[dim]memory: {named} fits {human(budget)}: {memory_sum(row, context, parallel)}, "
+              f"{human(row.margin)} to spare[/]", highlight=False)
+    return row.policy

@@ -47,6 +47,14 @@ def cache_summary(policy, c: dict) -> str:
             f"middle V {human_bytes(c['middle_v'])}, scales {human_bytes(c['scales'])})")
 
 
+def memory_sum(row, context: int, parallel: int = 1) -> str:
+    """A memory planner row (`leank.runtime.memory.MemoryRow`) as a sum: weights + caches + working set."""
+    caches = (f"KV cache {human_bytes(row.cache)} at {context} tokens" if parallel == 1 else
+              f"{parallel} x KV cache {human_bytes(row.cache // parallel)} at {context} tokens")
+    return (f"weights {human_bytes(row.weights)} + {caches} + working set {human_bytes(row.working_set)} "
+            f"= {human_bytes(row.total)}")
+
+
 def print_generation_stats(s, policy) -> None:
     """Speed and memory after a generation (`generate --stats`)."""
     err.print(
@@ -86,6 +94,35 @@ def print_summary(s: dict) -> None:
         lk = s["leank"]
         out.print()
         out.print(f"[bold]leank metadata[/]: schema {lk['version']}, {lk['fingerprint'][:23]}...")
+
+
+def print_memory_plan(plan: dict) -> None:
+    """The memory planner's table of `leank info --memory` (`leank.convert.inspect.memory_plan`)."""
+    out.print()
+    out.print(f"[bold]Memory plan[/] for {human_bytes(plan['budget_bytes'])} at {plan['context']} tokens "
+              f"({plan['device']}, {plan['dtype']}; one conversation, a prompt up to the whole context):")
+    t = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    for name in ("policy", "weights", "KV cache", "working set", "total", "fits"):
+        t.add_column(name, justify="left" if name in ("policy", "fits") else "right")
+    for r in plan["rows"]:
+        margin = r["margin_bytes"]
+        fits = f"yes, {human_bytes(margin)} under" if r["fits"] else f"[red]no, {human_bytes(-margin)} over[/]"
+        t.add_row(r["name"], human_bytes(r["weights_bytes"]), human_bytes(r["kv_cache_bytes"]),
+                  human_bytes(r["working_set_bytes"]), human_bytes(r["total_bytes"]), fits)
+    out.print(t)
+    for r in plan["rows"]:
+        if r["policy"] != r["name"]:
+            out.print(f"  [dim]{r['name']}: {r['policy']}[/]")
+    if plan["context"] > plan["model_context"]:
+        out.print(f"[yellow]the model's context is {plan['model_context']} tokens: chat and serve stop there[/]")
+    chosen, planner = plan["chosen"], plan["planner_choice"]
+    if chosen:
+        out.print(f"chat/serve --memory would use: {chosen}")
+    elif plan["given"] and planner:
+        out.print(f"[red]{plan['given']} does not fit[/]: chat/serve would refuse it; without the cache options "
+                  f"--memory would use {planner}")
+    else:
+        out.print("[red]nothing fits[/]: a shorter --ctx, a smaller model or more memory")
 
 
 def mask_report(mask, source: str) -> dict:

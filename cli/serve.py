@@ -9,12 +9,13 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg, ModelOpt,
-                               RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, model_path,
-                               policy_from_options)
+from leank.cli.options import (CANDIDATES, DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg,
+                               ModelOpt, RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, memory_option,
+                               model_path, parse_size, policy_within_memory)
 from leank.cli.output import err
 from leank.errors import LeankError
 from leank.runtime.server.api import make_app
+from leank.runtime.server.slots import PREFILL_CHUNK
 
 
 def serve(
@@ -30,10 +31,11 @@ def serve(
                                                    help="Require 'Authorization: Bearer KEY'.", show_default=False)] = None,
     slot_save_path: Annotated[Optional[Path], typer.Option("--slot-save-path", help="Folder for POST /slots/{id}"
                                                            "?action=save|restore.", show_default=False)] = None,
-    memory: Annotated[Optional[str], typer.Option("--memory", help="Memory budget for weights + caches (e.g. 8GiB, "
-                                                  "512MiB): a request is admitted when its cache at prompt + max_tokens "
-                                                  "fits, else waits; one that can never fit is a 503.",
-                                                  show_default=False)] = None,
+    memory: Annotated[Optional[str], memory_option(
+        "Memory budget (e.g. 8GiB, 512MiB, 2G) for the weights, --parallel KV caches at --ctx-size and the working "
+        f"set. Without --kv: the least compressed cache ({CANDIDATES}) that fits; with --kv: that "
+        "cache, refused if it cannot fit. Each request is admitted when its cache at prompt + max_tokens fits, "
+        "else waits; one that can never fit is a 503.")] = None,
     kv: KvOpt = None, mask: MaskOpt = None, ratio: RatioOpt = None, k_bits: KBitsOpt = None, v_bits: VBitsOpt = None,
     group_size: GroupOpt = None, sink: SinkOpt = None, recent: RecentOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
@@ -47,7 +49,8 @@ def serve(
     m = load_model(model_path(model, model_option), device, dtype, quiet=True)
     if ctx is not None and ctx > m.args.context_length:
         raise LeankError(f"--ctx {ctx} is over the model's context of {m.args.context_length}")
-    policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    policy = policy_within_memory(m, memory, ctx or m.args.context_length, kv, mask, ratio, k_bits, v_bits, group_size,
+                                  sink, recent, parallel=parallel, prefill_rows=PREFILL_CHUNK)
     budget = None if memory is None else parse_size(memory)
     application = make_app(m, policy, parallel=parallel, context=ctx, api_key=api_key, slot_save_path=slot_save_path,
                            memory=budget)
@@ -57,20 +60,3 @@ def serve(
               f"listening on http://{host}:{port}/v1", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
 
-
-UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-         "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512 MiB', '2G', '1000000' -> bytes."""
-    t = text.strip().lower().replace(" ", "")
-    digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(digits):]
-    try:
-        value = float(digits)
-    except ValueError:
-        value = -1.0
-    if unit not in UNITS or not value > 0 or value != value or value * UNITS[unit] > 2**62:
-        raise LeankError(f"--memory {text!r}: give a size such as 8GiB, 512MiB or 2G")
-    return int(value * UNITS[unit])

@@ -6,12 +6,13 @@ from collections import Counter
 import torch
 
 from leank.kernels.dispatch import active_path
-from leank.masks.choose import build_policy
+from leank.masks.choose import build_policy, planner_policies
 from leank.runtime.cache.base import kv_dtype
 from leank.runtime.cache.plan import kv_summary
 from leank.runtime.engine import ModelHeader, open_header, resolve_device, resolve_dtype
 from leank.runtime.gguf.reader import GGUFFile
 from leank.runtime.gguf.schema import read_leank_metadata
+from leank.runtime.memory import first_fitting, plan_memory, planned_weights
 from leank.runtime.model.linear import weights_path
 
 
@@ -19,8 +20,9 @@ def count_parameters(f: GGUFFile) -> int:
     return sum(t.n_elements for t in f.tensors.values())
 
 
-def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
-    """Everything `leank info` shows; `path` may be an already opened `ModelHeader`."""
+def model_summary(path, ctx: int | None = None, memory: int | None = None, **policy_options) -> dict:
+    """Everything `leank info` shows; `path` may be an already opened `ModelHeader`. With a `memory`
+    budget (bytes), the memory planner's table too (`memory_plan`)."""
     h = path if isinstance(path, ModelHeader) else open_header(path)
     a, f = h.args, h.file
     policy = build_policy(h, **policy_options)
@@ -60,4 +62,35 @@ def model_summary(path, ctx: int | None = None, **policy_options) -> dict:
     if meta is not None:
         summary["leank"] = {"version": meta.version, "fingerprint": meta.fingerprint,
                             "policy": meta.policy.as_dict()}
+    if memory is not None:
+        given = any(policy_options.get(k) is not None for k in ("kv", "mask", "ratio", "k_bits", "v_bits"))
+        settings = {k: policy_options.get(k) for k in ("group_size", "sink_tokens", "recent_tokens")}
+        summary["memory"] = memory_plan(h, ctx, memory, policy if given else None, **settings)
     return summary
+
+
+def memory_plan(h: ModelHeader, ctx: int, budget: int, given=None, **settings) -> dict:
+    """The memory planner's table for one conversation of `ctx` tokens on this machine's device: each
+    candidate's weights (from the header: `planned_weights`), KV cache and working set (a prompt of up
+    to `ctx` tokens in one pass, as `leank chat` feeds it), against `budget` bytes. `planner_choice` is
+    the first candidate that fits; `chosen` what `leank chat --memory` would use with the same options:
+    that one, or `given` (a policy the command line chose, listed too when no candidate is the same)
+    if it fits."""
+    device = resolve_device("auto")
+    dtype = resolve_dtype(None, device)
+    candidates = planner_policies(h, **{k: v for k, v in settings.items() if v is not None})
+    planned = len(candidates)
+    if given is not None and all(p.describe() != given.describe() for _, p in candidates):
+        candidates.append((f"--kv {given.kind}", given))
+    rows = plan_memory(candidates, h.args, planned_weights(h.file, h.args, device, dtype), device=device, dtype=dtype,
+                       budget=budget, context=ctx)
+    planner = first_fitting(rows[:planned])
+    mine = None if given is None else next(r for r in rows if r.policy.describe() == given.describe())
+    chosen = planner if mine is None else (mine if mine.fits else None)
+
+    def name(row):
+        return None if row is None else row.name
+
+    return {"budget_bytes": budget, "context": ctx, "model_context": h.args.context_length, "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "rows": [r.as_dict() for r in rows], "given": name(mine),
+            "chosen": name(chosen), "planner_choice": name(planner)}

@@ -92,6 +92,29 @@ def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: f
     return policy.validate(args.n_layers, args.n_kv_heads, args.head_dim, args.context_length)
 
 
+# --- the memory planner's candidates --------------------------------------------------------------------
+# (name, build_policy choices), least compressed first: `leank info/chat/serve --memory` weigh them in
+# this order and keep the first that fits. A new preset is one line here, in its place by size.
+PLANNER_PRESETS = [
+    ("dense", dict(kv="dense")),  # an fp16 (on CPU) or compute-dtype cache of every token
+    ("kivi4", dict(kv="kivi", k_bits=4, v_bits=4)),  # KIVI-4: nearly lossless
+    ("leank+kivi", dict(kv="leank+kivi")),  # the default compressed cache: pruned K, KIVI-2
+]
+
+
+def planner_policies(model, **settings) -> list[tuple[str, CachePolicy]]:
+    """The memory planner's candidates for `model`, least compressed first: [(name, policy), ...] from
+    `PLANNER_PRESETS`. `settings` (sink_tokens, recent_tokens, group_size, block_tokens) apply to every
+    compressed one, as the CLI's --sink/--recent/--group-size do; a preset that comes out the same as
+    an earlier one (today's smallest preset is the default leank+kivi) is listed once."""
+    out: list[tuple[str, CachePolicy]] = []
+    for name, choices in PLANNER_PRESETS:
+        policy = build_policy(model, **choices, **settings)
+        if all(p.describe() != policy.describe() for _, p in out):
+            out.append((name, policy))
+    return out
+
+
 # --- policy SPEC strings (`leank eval -p`) --------------------------------------------------------------
 _KIVI = re.compile(r"kivi(\d+)(?:/(\d+))?")
 _OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens", "group": "group_size", "block": "block_tokens",

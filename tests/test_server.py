@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from leank.masks.choose import build_policy
 from leank.runtime.decode import prefill
-from leank.runtime.server.slots import weights_nbytes
+from leank.runtime.server.slots import Engine
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,16 @@ THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], tmp: Path):
+    """`leank serve ARGS` on a free port, or `script` (Python source run with the port and thread count
+    before ARGS) for a server made with the library."""
+
+    def __init__(self, args: list[str], tmp: Path, script: str | None = None):
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(tmp / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "leank.cli", "serve", "--port", str(self.port),
-                                      "--threads", str(THREADS), *args],
+        command = (["-m", "leank.cli", "serve", "--port", str(self.port), "--threads", str(THREADS)] if script is None
+                   else ["-c", script, str(self.port), str(THREADS)])
+        self.proc = subprocess.Popen([sys.executable, *command, *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -371,10 +375,25 @@ def test_serve_refuses_bad_options_with_one_line(default_model_path, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+# A library server with a memory budget below its slots' full caches (`leank serve --memory` refuses to
+# start so: it plans for every slot at the whole context): requests wait for room, or are a 503.
+BUDGET_SERVER = """
+import sys, torch, uvicorn, leank
+from leank.masks.choose import build_policy
+from leank.runtime.server.api import make_app
+port, threads, budget = map(int, sys.argv[1:])
+torch.set_num_threads(threads)
+m = leank.load(device="cpu")
+app = make_app(m, build_policy(m, kv="dense"), parallel=2, memory=budget)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+"""
+
+
 def test_memory_budget_admits_what_fits_and_refuses_what_never_can(default_model, default_model_path, tmp_path):
-    per_token = default_model.args.kv_bytes_per_token(4)  # a dense float32 cache on CPU
-    budget = weights_nbytes(default_model.transformer) + 120 * per_token
-    s = ServerProcess(["--parallel", "2", "--kv", "dense", "--memory", str(budget)], tmp_path)
+    engine = Engine(default_model, build_policy(default_model, kv="dense"), parallel=2, memory=1)
+    per_token = default_model.args.kv_bytes_per_token(2)  # a dense cache on CPU holds float16
+    budget = engine.weights_bytes + engine.working_bytes + 120 * per_token
+    s = ServerProcess([str(budget)], tmp_path, script=BUDGET_SERVER)
     try:
         status, body = s.request("POST", "/v1/chat/completions", {"messages": chat("hi"), "max_tokens": 500})
         assert status == 503 and body["error"]["code"] == "over_memory_budget"

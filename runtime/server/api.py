@@ -152,9 +152,9 @@ class Server:
                  slot_save_path: str | Path | None = None, model_name: str | None = None, memory: int | None = None):
         self.model = model
         self.engine = Engine(model, policy, parallel=parallel, context=context, memory=memory)
-        if memory is not None and self.engine.weights_bytes >= memory:
-            raise LeankError(f"the weights alone take {self.engine.weights_bytes} bytes: over the memory budget of "
-                             f"{memory} bytes")
+        if memory is not None and self.engine.room() <= 0:
+            raise LeankError(f"the weights ({self.engine.weights_bytes} bytes) and the working set "
+                             f"({self.engine.working_bytes} bytes) alone are over the memory budget of {memory} bytes")
         self.context = self.engine.context
         self.api_key = api_key
         self.slot_dir = None if slot_save_path is None else Path(slot_save_path).resolve()
@@ -189,11 +189,12 @@ class Server:
                   asyncio.Queue(), slot_id=opts["id_slot"], ignore_eos=opts["ignore_eos"])
         e = self.engine
         if e.memory is not None:
-            need, room = e.request_nbytes(job), e.memory - e.weights_bytes
+            need, room = e.request_nbytes(job), e.room()
             if need > room:
                 raise ApiError(503, f"this request's cache could reach {need} bytes ({len(ids)} prompt tokens + "
                                     f"{job.max_tokens} max_tokens); the memory budget of {e.memory} bytes leaves "
-                                    f"{room} after the weights ({e.weights_bytes}): ask for fewer max_tokens",
+                                    f"{room} after the weights ({e.weights_bytes}) and the working set "
+                                    f"({e.working_bytes}): ask for fewer max_tokens",
                                "max_tokens", code="over_memory_budget", kind="server_error")
         return job
 

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from leank.errors import LeankError
+from leank.runtime.cache.base import kv_dtype
 from leank.runtime.cache.compressed import CompressedCache
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.plan import sequence_nbytes
 from leank.runtime.cache.session import load_session, save_session
 from leank.runtime.decode import prefill, step
 from leank.runtime.generate import SamplingParams, StopMatcher, sample
-from leank.runtime.model.linear import Linear
+from leank.runtime.memory import decoded_matrix_nbytes, weights_nbytes, working_set_nbytes
 
 # Prompt tokens fed between two decode steps. A prompt up to this long is prefilled in one pass, exactly
 # as `Model.stream` does it (so the server's greedy replies equal the library's).
@@ -117,10 +118,14 @@ class Engine:
 
     def __init__(self, model, policy, *, parallel: int = 1, context: int | None = None, memory: int | None = None):
         self.model, self.policy = model, policy
-        # --memory: weights + every running request's cache at its prompt + max_tokens must fit
+        # --memory: weights + working set + every running request's cache at its prompt + max_tokens must fit
         self.memory, self.weights_bytes = memory, weights_nbytes(model.transformer)
-        self.element_bytes = torch.finfo(model.dtype).bits // 8
+        self.element_bytes = torch.finfo(kv_dtype(model.device, model.dtype)).bits // 8  # the full region's
         self.context = min(context or model.args.context_length, model.args.context_length)
+        self.working_bytes = working_set_nbytes(
+            model.args, self.context, rows=PREFILL_CHUNK, batch=parallel, policy=policy,
+            compute_bytes=torch.finfo(model.dtype).bits // 8, cache_bytes=self.element_bytes,
+            decoded_matrix=decoded_matrix_nbytes(model.transformer))
         self.slots = [Slot(i, model.new_cache(policy=policy)) for i in range(parallel)]
         self.pending: deque[Job] = deque()  # submitted, not yet seen by the loop (guarded by `wake`)
         self.waiting: deque[Job] = deque()  # seen, waiting for a slot (the loop's own)
@@ -155,6 +160,10 @@ class Engine:
         """The cache bytes `job` may reach: its prompt plus max_tokens, under the server's policy."""
         n = min(self.context, len(job.prompt_ids) + job.max_tokens)
         return sequence_nbytes(self.policy, self.model.args, n, self.element_bytes)
+
+    def room(self) -> int:
+        """The cache bytes the memory budget leaves after the weights and the working set."""
+        return self.memory - self.weights_bytes - self.working_bytes
 
     def idle(self) -> int:
         return sum(s.job is None for s in self.slots)
@@ -258,7 +267,7 @@ class Engine:
         """Whether `job` fits the memory budget now; idle slots' caches (kept for prefix reuse) are
         dropped, least recently used first, to make it fit."""
         job.reserved_bytes = self.request_nbytes(job)
-        room = self.memory - self.weights_bytes - sum(s.job.reserved_bytes for s in self.slots if s.job is not None)
+        room = self.room() - sum(s.job.reserved_bytes for s in self.slots if s.job is not None)
         kept = sorted((s for s in self.slots if s.job is None and s is not slot and s.tokens), key=lambda s: s.last_used)
         held = sum(s.cache.nbytes().total for s in kept) + slot.cache.nbytes().total
         while kept and job.reserved_bytes + held > room:
@@ -347,21 +356,6 @@ class Engine:
                         "predicted_n": job.completion_tokens, "predicted_ms": 1000 * decode_s},
         })
         slot.job, slot.next_token, slot.last_used = None, None, now
-
-
-def weights_nbytes(transformer) -> int:
-    """The bytes of a transformer's weights as it holds them (a tied output matrix counted once)."""
-    seen, total = set(), 0
-    parts = [transformer.tok_embeddings, transformer.output, transformer.norm]
-    for b in transformer.layers:
-        a, f = b.attention, b.feed_forward
-        parts += [b.attn_norm, b.ffn_norm, a.wqkv, a.wo, a.q_norm, a.k_norm, f.w_gate_up, f.w_down]
-    for x in parts:
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        total += x.nbytes if isinstance(x, Linear) else x.numel() * x.element_size()
-    return total
 
 
 class SlotBusy(Exception):

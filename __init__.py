@@ -9,10 +9,16 @@ GGUF models run in torch with a KV cache that LeanK channel masks prune and KIVI
 """
 import os
 
-# OpenMP threads that wait for work spin on a core by default; on a machine busy with other work that
-# stalled decode 3-14x (bench/RESULTS.md, "Threads on a busy machine"). Passive waiting must be set
-# before torch loads its OpenMP runtime, so it is set here; an OMP_WAIT_POLICY already set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that wait for work spin on a core (libgomp: 300,000 rounds) before they sleep. On a
+# machine busy with other work a spinning thread holds the core its descheduled partner needs, and every
+# barrier (ggml's matrix products, the attention kernels, torch's ops) then waits out a time slice:
+# a 2-thread decode step of the 1.5B Qwen2.5-Coder took 1.1-3.9 s instead of 0.09 beside one busy
+# process. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs ~30 % on an idle machine (a futex wake per
+# barrier); 3,000 rounds cost nothing measurable idle and keep the busy step near 0.2 s
+# (bench/RESULTS.md, "Threads on a busy machine"). libgomp reads this when it loads, so it is set before
+# torch is imported (importing torch first keeps libgomp's default); a policy already chosen wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from leank.errors import LeankError  # noqa: E402
 from leank.runtime.cache.mask import Mask, Provenance  # noqa: E402

@@ -52,9 +52,8 @@ def context_ids(tokenize, n: int) -> list[int]:
 
 
 def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str) -> dict:
+    import leank  # before torch: it sets OpenMP's wait policy, read when torch loads libgomp
     import torch
-
-    import leank
     from leank.masks.choose import build_policy
 
     m = leank.load(model_path, device="cpu")

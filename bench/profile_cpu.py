@@ -14,6 +14,7 @@ import argparse
 import collections
 import time
 
+import leank  # first: it sets OpenMP's wait policy, which libgomp reads when torch loads it
 import torch
 
 BLOCK_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -29,7 +30,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    import leank
     from leank.masks.choose import build_policy
     from leank.runtime.model import transformer as model_mod
     from leank.kernels import ggml_cpu

@@ -48,25 +48,27 @@ def call(port: int, method: str, path: str, body=None, timeout=3600):
     return data
 
 
-def first_token_seconds(port: int, body: dict) -> tuple[float, str]:
-    """Stream a chat completion; (seconds until the first content piece, the whole reply)."""
+def first_token_seconds(port: int, body: dict) -> tuple[float, str, dict]:
+    """Stream a chat completion; (seconds until the first content piece, the whole reply, its usage)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}).encode())
+    conn.request("POST", "/v1/chat/completions",
+                 json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode())
     r = conn.getresponse()
-    first, pieces = None, []
+    first, pieces, usage = None, [], {}
     for line in r:
         line = line.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
         for c in chunk.get("choices", []):
             text = c.get("delta", {}).get("content")
             if text:
                 first = first or time.perf_counter() - t0
                 pieces.append(text)
     conn.close()
-    return first or 0.0, "".join(pieces)
+    return first or 0.0, "".join(pieces), usage
 
 
 def main() -> None:
@@ -127,15 +129,17 @@ def main() -> None:
 
         # 2. a conversation that resends its history every turn
         messages = [{"role": "system", "content": "You are a helpful assistant."}]
-        ttft = []
+        ttft, reused = [], []
         for turn in range(0 if "turns" in skip else args.turns):
             messages.append({"role": "user", "content": f"Turn {turn + 1}: say one more thing about lighthouses."})
-            seconds, reply = first_token_seconds(port, {"messages": messages, "max_tokens": 32, "temperature": 0,
-                                                        "id_slot": 0})
+            seconds, reply, usage = first_token_seconds(port, {"messages": messages, "max_tokens": 32, "temperature": 0,
+                                                               "id_slot": 0})
             messages.append({"role": "assistant", "content": reply})
             ttft.append(round(seconds, 3))
+            reused.append([usage.get("prompt_tokens"), (usage.get("prompt_tokens_details") or {}).get("cached_tokens")])
         if ttft:
             out["turns_ttft_seconds"] = ttft
+            out["turns_prompt_and_cached_tokens"] = reused
             out["turn_last_vs_first"] = round(ttft[-1] / ttft[0], 2) if ttft[0] else None
             print(f"time to first token, turn 1: {ttft[0]:.3f} s, turn {args.turns}: {ttft[-1]:.3f} s", flush=True)
         if "restore" not in skip:

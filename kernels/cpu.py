@@ -211,15 +211,36 @@ def _heads_table(groups, B: int, Hkv: int, middle_len: int):
 def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, groups, middle_len: int,
                          k_bits: int, v_bits: int, group: int, scale: float | None = None,
                          full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.compressed_attention`, one C call per layer for float32 decoding on CPU; anything else
-    (several query tokens, per-sequence lengths, other dtypes) goes to the reference."""
+    """`reference.compressed_attention`, one C call per layer for float32 decoding on CPU. Up to
+    MULTI_QUERY_TOKENS query tokens (a chat turn after a compressed past) take one C call each: token i of
+    T sees the whole middle region and the full region's first F - T + i + 1 tokens (the reference's
+    causal rule), which reads the compressed bytes T times but never expands them to float32. Anything
+    else (per-sequence lengths, other dtypes, longer chunks) goes to the reference."""
     lib = library()
-    if lib is None or not _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens):
+    T = q.shape[2]
+    one = q if T == 1 else q[:, :, :1]
+    if (lib is None or T > MULTI_QUERY_TOKENS or T > full_k.shape[2]
+            or not _supported(one, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens)):
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
+    if T == 1:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
+        return out
+    F = full_k.shape[2]
     out = torch.empty(q.shape, dtype=torch.float32)
-    _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
+    row = torch.empty(one.shape, dtype=torch.float32)
+    for i in range(T):
+        end = F - T + i + 1
+        _attend(lib, q[:, :, i : i + 1], full_k[:, :, :end], full_v[:, :, :end], groups, middle_len, k_bits, v_bits,
+                group, scale, row)
+        out[:, :, i : i + 1] = row
     return out
+
+
+# query tokens per call that compressed_attention runs through the C kernel one by one; a longer chunk
+# (a prompt pasted into a later turn) amortizes the reference's expansion of the middle region better
+MULTI_QUERY_TOKENS = 64
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:

@@ -90,12 +90,33 @@ def test_head_table_follows_buffers_that_moved():
     assert not torch.equal(a, b)
 
 
+@needs_lib
+@pytest.mark.parametrize("T", [2, 7, 64])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_several_query_tokens_after_a_compressed_past_match_the_reference(T, kv_dtype):
+    """A chat turn's new tokens (the last T of the full region) over the middle region, causal within the
+    full region: one C call per token, equal to the reference's multi-token path."""
+    q, fk, fv, groups = make_layer(2, 2, 3, 64, 80, 96, 32, 2, 4, [8, 40], seed=T, kv_dtype=kv_dtype)
+    qt = torch.randn(2, 6, T, 64, generator=torch.Generator().manual_seed(T))
+    got = cpu.compressed_attention(qt, fk, fv, groups, 96, 2, 4, 32, 0.12)
+    ref = reference.compressed_attention(qt, fk, fv, groups, 96, 2, 4, 32, 0.12)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # and token i really is causal: changing a later full-region key moves only the later tokens' outputs
+    fk2 = fk.clone()
+    fk2[:, :, -1] += 5
+    moved = (cpu.compressed_attention(qt, fk2, fv, groups, 96, 2, 4, 32, 0.12) - got).abs().amax((0, 1, 3))
+    assert (moved[:-1] < 1e-5).all() and moved[-1] > 1e-2  # (a copied buffer may sum in another order)
+
+
 def test_what_the_kernel_does_not_handle_goes_to_the_reference():
-    # several query tokens, bfloat16 and per-sequence lengths all take the reference path: equal results
+    # more query tokens than MULTI_QUERY_TOKENS, bfloat16 and per-sequence lengths all take the
+    # reference path: equal results
     q, fk, fv, groups = make_layer(2, 2, 2, 64, 40, 64, 32, 2, 2, [8, 16])
-    q3 = torch.randn(2, 4, 3, 64)
-    fk3 = torch.cat([fk, torch.randn(2, 2, 3, 64)], 2)
-    fv3 = torch.cat([fv, torch.randn(2, 2, 3, 64)], 2)
+    T = cpu.MULTI_QUERY_TOKENS + 1
+    q3 = torch.randn(2, 4, T, 64)
+    fk3 = torch.cat([fk, torch.randn(2, 2, T, 64)], 2)
+    fv3 = torch.cat([fv, torch.randn(2, 2, T, 64)], 2)
     assert torch.equal(cpu.compressed_attention(q3, fk3, fv3, groups, 64, 2, 2, 32, 0.1),
                        reference.compressed_attention(q3, fk3, fv3, groups, 64, 2, 2, 32, 0.1))
     lens = torch.tensor([40, 20])

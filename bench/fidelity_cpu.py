@@ -2,9 +2,9 @@
 
     python bench/fidelity_cpu.py --model ~/.cache/leank/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --tokens 512
 
-leank twice: teacher-forced in one pass (prompt rows: matrices decoded to float32, BLAS) and with every
-token after the first --decode-from fed one at a time (the decode path: ggml's row kernels with 8-bit
-activations, or leank's C kernels); llama.cpp teacher-forced (its logits_all), f16 cache. Text:
+leank twice: teacher-forced in one pass (a prompt: ggml's tiled matrix kernels with 8-bit activations, or
+without ggml matrices decoded to float32 for BLAS) and with every token after the first --decode-from fed
+one at a time (the decode path: ggml's one-row kernels, or leank's C kernels); llama.cpp teacher-forced (its logits_all), f16 cache. Text:
 tests/data/prose.txt, repeated if needed. Prints the three perplexities and leank's relative
 differences. tests/test_fidelity.py asserts the 1 % on the default model; this is for the others.
 """

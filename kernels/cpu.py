@@ -34,6 +34,11 @@ HERE = Path(__file__).resolve().parent
 _state: dict = {}
 
 
+def switched_off(name: str) -> bool:
+    """Whether environment switch `name` (on by default) is set to 0, no, off or false."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "no", "off", "false")
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LEANK_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "leank")
@@ -122,7 +127,7 @@ def library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]
     lib, why = None, None
-    if os.environ.get("LEANK_CPU_KERNELS", "1").lower() in ("0", "no", "off", "false"):
+    if switched_off("LEANK_CPU_KERNELS"):
         why = "disabled by LEANK_CPU_KERNELS"
     elif (cc := _compiler()) is None:
         why = "no C compiler (cc, gcc or clang) found"
@@ -223,18 +228,15 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
             or not _supported(one, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens)):
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
-    if T == 1:
-        out = torch.empty(q.shape, dtype=torch.float32)
-        _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
-        return out
     F = full_k.shape[2]
     out = torch.empty(q.shape, dtype=torch.float32)
-    row = torch.empty(one.shape, dtype=torch.float32)
+    row = out if T == 1 else torch.empty(one.shape, dtype=torch.float32)  # the kernel writes a contiguous row
     for i in range(T):
         end = F - T + i + 1
-        _attend(lib, q[:, :, i : i + 1], full_k[:, :, :end], full_v[:, :, :end], groups, middle_len, k_bits, v_bits,
-                group, scale, row)
-        out[:, :, i : i + 1] = row
+        fk, fv = (full_k, full_v) if end == F else (full_k[:, :, :end], full_v[:, :, :end])
+        _attend(lib, q[:, :, i : i + 1], fk, fv, groups, middle_len, k_bits, v_bits, group, scale, row)
+        if T > 1:
+            out[:, :, i : i + 1] = row
     return out
 
 

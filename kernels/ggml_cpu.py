@@ -8,8 +8,8 @@ quantized to 8 bits per block and multiplied by ggml's integer kernels, row by r
 tiled for a prompt. Each matrix is a ggml tensor over leank's bytes (the memory-mapped file's blocks),
 or, for the types ggml interleaves on this CPU (Q4_0 and Q4_K on an AVX2 or AVX-512 x86, among others),
 ggml's repacked copy, as llama.cpp's CPU backend holds them by default: on the 1.5B Qwen2.5-Coder
-(mostly Q4_K) a decode step takes 92 ms instead of 120 (2 threads), a 512-token prompt ~30 % longer
-(bench/RESULTS.md). LEANK_GGML_REPACK=0 keeps every matrix in the file's layout.
+(mostly Q4_K) a decode step takes 92 ms instead of 120 (2 threads), a 512-token prompt ~50 % longer
+(41.5 against 62.8 tok/s, 1 thread; bench/RESULTS.md). LEANK_GGML_REPACK=0 keeps every matrix in the file's layout.
 
 Why borrow rather than write: on the 1.5B Qwen2.5-Coder (Q4_K + Q6_K) leank's float32-activation C
 kernels read the weights at 1.3-3.9 GB/s on this project's 2-core VM, llama.cpp at ~30 (issue 16); a
@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def _lib_dir() -> Path | None:
 
 
 def _load():
-    if os.environ.get("LEANK_GGML", "1").lower() in ("0", "no", "off", "false"):
+    if cpu.switched_off("LEANK_GGML"):
         return None, "disabled by LEANK_GGML"
     try:
         version = importlib.metadata.version("llama_cpp_python")
@@ -136,7 +135,7 @@ class Matrix:
         self._lib, self.k = lib, k
         self.parts = [(aligned(b), t) for b, t in parts]  # held: the handles point into them
         self.out_features = sum(b.shape[0] for b, _ in self.parts)
-        repack = int(os.environ.get("LEANK_GGML_REPACK", "1").lower() not in ("0", "no", "off", "false"))
+        repack = int(not cpu.switched_off("LEANK_GGML_REPACK"))
         handles = [lib.leank_ggml_weight(t, b.data_ptr(), b.shape[0], k, b.shape[1], repack) for b, t in self.parts]
         self._handles = (ctypes.c_void_p * len(handles))(*handles)
         if not all(handles):

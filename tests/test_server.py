@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 CTX = 1024
+PARALLEL = 4  # the test server's slots
 SMALL = ["--kv", "leank+kivi", "--sink", "32", "--recent", "64"]  # compression within a few hundred tokens
 STORY = ("The lighthouse keeper wrote in his log every evening: the weather, the ships that passed, "
          "the birds that rested on the rail. ") * 6
@@ -108,7 +109,7 @@ def slot_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(default_model_path, slot_dir, tmp_path_factory):
-    s = ServerProcess(["--parallel", "4", "--ctx", str(CTX), "--api-key", KEY, "--slot-save-path", str(slot_dir),
+    s = ServerProcess(["--parallel", str(PARALLEL), "--ctx", str(CTX), "--api-key", KEY, "--slot-save-path", str(slot_dir),
                        *SMALL], tmp_path_factory.mktemp("server"))
     yield s
     s.close()
@@ -178,7 +179,7 @@ def cached(usage) -> int:
 
 def erase_slots(server) -> None:
     """Empty every slot: the next requests are prefilled from nothing, as the library's are."""
-    for i in range(4):
+    for i in range(PARALLEL):
         assert server.request("POST", f"/slots/{i}?action=erase")[0] == 200
 
 

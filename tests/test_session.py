@@ -29,6 +29,14 @@ def small_policy(model, kv: str) -> CachePolicy:
     return build_policy(model, kv=kv, sink_tokens=32, recent_tokens=64)
 
 
+def saved(model, policy, ids, path):
+    """A cache of `policy` holding `ids` (one prefill), saved to `path`; the cache."""
+    cache = model.new_cache(policy=policy)
+    prefill(model.transformer, cache, torch.tensor([ids]))
+    save_session(path, model, cache, ids)
+    return cache
+
+
 @pytest.mark.parametrize("kv", ["dense", "kivi", "leank+kivi", "leank"])
 def test_restored_session_gives_bit_identical_logits(default_model, tmp_path, kv):
     m = default_model
@@ -57,10 +65,8 @@ def test_refuses_another_policy_and_another_model(default_model, tiny_llama, tmp
     m = default_model
     policy = small_policy(m, "kivi")
     ids = m.tokenize("hello there")
-    cache = m.new_cache(policy=policy)
-    prefill(m.transformer, cache, torch.tensor([ids]))
     path = tmp_path / "s.session"
-    save_session(path, m, cache, ids)
+    saved(m, policy, ids, path)
     with pytest.raises(LeankError, match="another cache policy"):
         load_session(path, m, CachePolicy())
     with pytest.raises(LeankError, match="another cache policy"):
@@ -77,10 +83,8 @@ def test_damaged_and_truncated_files_are_refused(default_model, tmp_path):
     m = default_model
     ids = m.tokenize(PROMPT)[:300]
     policy = small_policy(m, "leank+kivi")
-    cache = m.new_cache(policy=policy)
-    prefill(m.transformer, cache, torch.tensor([ids]))
     path = tmp_path / "s.session"
-    save_session(path, m, cache, ids)
+    saved(m, policy, ids, path)
     data = path.read_bytes()
     for cut in (0, 7, 100, len(data) // 2, len(data) - 1):
         path.write_bytes(data[:cut])
@@ -119,10 +123,8 @@ def test_hostile_headers_are_refused(default_model, tmp_path, change):
     m = default_model
     ids = m.tokenize(PROMPT)[:200]
     policy = small_policy(m, "kivi")
-    cache = m.new_cache(policy=policy)
-    prefill(m.transformer, cache, torch.tensor([ids]))
     path = tmp_path / "s.session"
-    save_session(path, m, cache, ids)
+    saved(m, policy, ids, path)
     path.write_bytes(_rewrite_header(path.read_bytes(), change))
     with pytest.raises(LeankError):
         load_session(path, m, policy)
@@ -154,10 +156,8 @@ def tiny_session(tiny_llama, tmp_path_factory):
     m = leank.load(tiny_llama, device="cpu")
     policy = CachePolicy(k_bits=2, v_bits=4, group_size=16, sink_tokens=16, recent_tokens=32, block_tokens=16)
     ids = list(range(5, 125))
-    cache = m.new_cache(policy=policy)
-    prefill(m.transformer, cache, torch.tensor([ids]))
     path = tmp_path_factory.mktemp("session") / "seed.session"
-    save_session(path, m, cache, ids)
+    saved(m, policy, ids, path)
     return m, policy, path.read_bytes()
 
 

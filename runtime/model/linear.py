@@ -91,12 +91,12 @@ class QuantLinear(Linear):
         self._ggml = ggml_cpu.matrix(parts, in_features)
         self.parts = self._ggml.parts if self._ggml is not None else parts
         self._out = sum(b.shape[0] for b, _ in self.parts)
-        self._lib = cpu.library()
-        # else per part: cpu_matmul.c's function, its fixed arguments and the part's first output column
+        # else cpu_matmul.c, per part: its leading arguments and the part's first output column
+        self._qmatmul = None if self._ggml is not None else cpu.library().leank_qmatmul
         self._calls, col = [], 0
         if self._ggml is None:
             for b, t in self.parts:
-                self._calls.append((self._lib.leank_qmatmul, (t, b.data_ptr(), b.shape[1], b.shape[0], in_features), col))
+                self._calls.append(((t, b.data_ptr(), b.shape[1], b.shape[0], in_features), col))
                 col += b.shape[0]
 
     @property
@@ -120,10 +120,9 @@ class QuantLinear(Linear):
         y = torch.empty(T, self._out)
         yp, xp, n_out, threads = y.data_ptr(), x2.data_ptr(), self._out, torch.get_num_threads()
         bp = None if self.bias is None else self.bias.data_ptr()
-        for fn, fixed, col in self._calls:
-            rc = fn(*fixed, xp, T, yp + 4 * col, n_out, None if bp is None else bp + 4 * col, threads)
-            if rc:
-                raise RuntimeError(f"{fn.__name__} rejected its arguments")
+        for fixed, col in self._calls:
+            if self._qmatmul(*fixed, xp, T, yp + 4 * col, n_out, None if bp is None else bp + 4 * col, threads):
+                raise RuntimeError("leank_qmatmul rejected its arguments")
         return y.view(*lead, self._out)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

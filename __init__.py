@@ -13,9 +13,9 @@ import os
 # machine busy with other work a spinning thread holds the core its descheduled partner needs, and every
 # barrier (ggml's matrix products, the attention kernels, torch's ops) then waits out a time slice:
 # a 2-thread decode step of the 1.5B Qwen2.5-Coder took 1.1-3.9 s instead of 0.09 beside one busy
-# process. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs ~30 % on an idle machine (a futex wake per
-# barrier); 3,000 rounds cost nothing measurable idle and keep the busy step near 0.2 s
-# (bench/RESULTS.md, "Threads on a busy machine"). libgomp reads this when it loads, so it is set before
+# process. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost 30-60 % on an idle machine (a futex wake per
+# barrier: 120-150 ms a step); 3,000 rounds gave 100-102 ms idle (the default 86-92, in other runs) and
+# kept the busy step near 0.2 s (bench/RESULTS.md, "Threads on a busy machine"). libgomp reads this when it loads, so it is set before
 # torch is imported (importing torch first keeps libgomp's default); a policy already chosen wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")

@@ -52,6 +52,9 @@ class TinySpec:
     rope_freqs: bool = False
     rope_scaling: tuple | None = None  # ("linear", factor) or ("yarn", factor, original_context)
     tensor_type: str = "F32"  # for 2-D weights; norms and biases stay F32 as llama.cpp writes them
+    # per-tensor types by the name's kind ("ffn_down", "output", "token_embd", "attn_v", ...): e.g. the
+    # Q6_K ffn_down and output of a Q4_K_M-like file
+    type_overrides: dict = field(default_factory=dict)
     weight_scale: float = 0.08
     seed: int = 0
     vocab_size: int | None = None  # pad the vocabulary with unused tokens up to this size
@@ -178,7 +181,7 @@ def write_tiny_model(path: str | Path, spec: TinySpec | None = None, **overrides
         return (rng.standard_normal((rows, cols)) * spec.weight_scale).astype(np.float32)
 
     def add_matrix(name: str, array: np.ndarray) -> None:
-        data, raw = quantize_rows(array, spec.tensor_type)
+        data, raw = quantize_rows(array, spec.type_overrides.get(name.split(".")[-2], spec.tensor_type))
         if raw is None:
             w.add_tensor(name, data)
         else:

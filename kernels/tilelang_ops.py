@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from leank.kernels import quant, reference
+from leank.kernels import gguf_cuda, quant, reference
 
 LOG2E = 1.4426950408889634
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -110,7 +110,7 @@ def _target():
 
 def build(spec: tuple):
     """The prim_func of a kernel spec (kind, *configuration)."""
-    from leank.kernels import tl_decode, tl_quant
+    from leank.kernels import tl_decode, tl_gemv, tl_quant
 
     kind, *cfg = spec
     if kind == "full":
@@ -123,6 +123,12 @@ def build(spec: tuple):
         return tl_quant.quantize_k(*cfg)
     if kind == "quantize_v":
         return tl_quant.quantize_v(*cfg)
+    if kind == "gemv":
+        return tl_gemv.gemv(*cfg)
+    if kind == "dequant":
+        return tl_gemv.dequantize(*cfg)
+    if kind == "quantize_x":
+        return tl_gemv.quantize_x(*cfg)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -361,6 +367,49 @@ def decode_specs(head_dim: int, gqa: int, dtype: torch.dtype, kept_counts, k_bit
 
 def quantize_specs(n_channels: int, bits: int, group: int, dtype: torch.dtype, kind: str) -> tuple:
     return (kind, n_channels, bits, group, _DTYPES[dtype])
+
+
+# --- matrices in GGUF blocks -----------------------------------------------------------------------------
+# Rows of activations up to which `gemv` decodes the blocks in registers once per row; more rows multiply
+# a decoded slice of the matrix (`dequantize`) with cuBLAS. Two compilations per type and dtype: one row
+# (a decode step) and up to GEMV_ROWS.
+GEMV_ROWS = 8
+
+
+def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float16/bfloat16, contiguous, 16-byte aligned, K a multiple of 32 -> (xq (M, K) int8,
+    xd (M, K / 32) float32): the 8-bit activations `gemv` multiplies."""
+    M, K = x.shape
+    xq = _empty((M, K), torch.int8, x.device)
+    xd = _empty((M, K // 32), torch.float32, x.device)
+    kernel(("quantize_x", _DTYPES[x.dtype]))(x, xq, xd)
+    return xq, xd
+
+
+def gemv(blocks: torch.Tensor, type_name: str, xq: torch.Tensor, xd: torch.Tensor, y: torch.Tensor, col0: int = 0) -> None:
+    """y[:, col0 : col0 + N] = x @ W^T for W = `blocks` ((N, row bytes) uint8 on the GPU, GGUF type
+    `type_name`) and x as `quantize_x` gives it (M <= GEMV_ROWS rows); y (M, >= col0 + N) contiguous,
+    float16 or bfloat16; other columns of y are left as they are."""
+    m = xq.shape[0]
+    maxm = 1 if m == 1 else GEMV_ROWS
+    kernel(("gemv", type_name, _DTYPES[y.dtype], maxm))(blocks, xq, xd, y, m, col0)
+
+
+def dequantize(blocks: torch.Tensor, type_name: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` ((R,) int32 on the GPU, each in [0, N)) of W = `blocks`, decoded: (R, K) `dtype`."""
+    qk, nbytes, _, _ = gguf_cuda.TYPES[type_name]
+    K = blocks.shape[1] // nbytes * qk
+    out = _empty((ids.shape[0], K), dtype, blocks.device)
+    if ids.shape[0]:
+        kernel(("dequant", type_name, _DTYPES[dtype]))(blocks, ids, out)
+    return out
+
+
+def gemv_specs(type_names, dtype: torch.dtype) -> list[tuple]:
+    """The kernel specs a model whose matrices are of `type_names` uses (for `precompile`)."""
+    dt = _DTYPES[dtype]
+    return [("quantize_x", dt)] + [spec for t in sorted(set(type_names)) for spec in
+                                   (("gemv", t, dt, 1), ("gemv", t, dt, GEMV_ROWS), ("dequant", t, dt))]
 
 
 def ops() -> SimpleNamespace:

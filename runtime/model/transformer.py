@@ -6,6 +6,7 @@ attended (`leank.runtime.cache.dense`); this file never looks inside it.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -18,7 +19,7 @@ from leank.kernels import cpu as cpu_kernels
 from leank.runtime.arch.args import ModelArgs
 from leank.runtime.arch.base import tensor_name
 from leank.runtime.gguf.reader import GGUFFile
-from leank.runtime.model.linear import Linear, QuantLinear, make_linear, storage_mode
+from leank.runtime.model.linear import CudaQuantLinear, Linear, QuantLinear, expansion_reason, make_linear, storage_mode
 from leank.runtime.model.rope import Rope, RopeTables
 
 EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
@@ -114,7 +115,7 @@ class Transformer(nn.Module):
         self.rope: Rope | None = None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.tok_embeddings, QuantLinear):
+        if isinstance(self.tok_embeddings, (QuantLinear, CudaQuantLinear)):
             return self.tok_embeddings.rows(tokens)
         return F.embedding(tokens, self.tok_embeddings).to(self.dtype)
 
@@ -176,13 +177,20 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
         """One part per tensor (q, k and v stay three parts: concatenating them would copy the file)."""
         return [blocks(n, s) for n, s in zip(names, shapes)]
 
+    expanded: set[str] = set()  # quantized types a CUDA model holds in the compute dtype (said once)
+
     def linear(names: list[str], shapes: list[tuple[int, ...]], bias_names: list[str] | None = None) -> Linear:
         modes = {storage_mode(weights, f.tensor_type_name(n), device, dtype) for n in names}
+        if device.type == "cuda" and weights in ("auto", "quantized"):
+            expanded.update(t for t in map(f.tensor_type_name, names)
+                            if t not in ("F32", "F16", "BF16") and (modes != {"quantized"}))
         mode = modes.pop() if len(modes) == 1 else "float16"
         bias = None
         if bias_names:
             bias = torch.cat([w(n, (s[0],)) for n, s in zip(bias_names, shapes)])
-        if mode == "quantized":
+        if mode == "quantized" and device.type == "cuda":
+            lin = CudaQuantLinear(quantized(names, shapes), shapes[0][1], bias, device, dtype)
+        elif mode == "quantized":
             lin = QuantLinear(quantized(names, shapes), shapes[0][1], bias)
         else:
             weight = torch.cat([w(n, s) for n, s in zip(names, shapes)]) if len(names) > 1 else w(names[0], shapes[0])
@@ -196,7 +204,12 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
     qs, kvs = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     emb_mode = storage_mode(weights, f.tensor_type_name(EMBEDDINGS), device, dtype)
     if emb_mode == "quantized":  # rows are decoded as tokens come: the table stays in its blocks
-        model.tok_embeddings = QuantLinear(quantized([EMBEDDINGS], [(a.vocab_size, a.dim)]), a.dim)
+        parts = quantized([EMBEDDINGS], [(a.vocab_size, a.dim)])
+        if device.type == "cuda":
+            model.tok_embeddings = CudaQuantLinear(parts, a.dim, None, device, dtype)
+            f.release_pages([EMBEDDINGS])  # uploaded: the file's pages are no longer needed
+        else:
+            model.tok_embeddings = QuantLinear(parts, a.dim)
         emb = None
     else:
         emb = w(EMBEDDINGS, (a.vocab_size, a.dim))
@@ -226,6 +239,8 @@ def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: 
         att.wo = linear([n(T.ATTN_OUT)], [(a.dim, qs)])
         ffn.w_gate_up = linear([n(T.FFN_GATE), n(T.FFN_UP)], [(a.ffn_dim, a.dim), (a.ffn_dim, a.dim)])
         ffn.w_down = linear([n(T.FFN_DOWN)], [(a.dim, a.ffn_dim)])
+    if expanded:
+        print(f"leank: {expansion_reason(sorted(expanded), dtype)}", file=sys.stderr)
     return model
 
 

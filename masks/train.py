@@ -41,7 +41,7 @@ TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alte
 
 @dataclass
 class TrainConfig:
-    ratio: float = 0.7  # fraction of K channels pruned
+    ratio: float = defaults.RATIO  # fraction of K channels pruned
     align: int = defaults.ALIGN
     steps: int = 1000  # per stage
     stages: tuple[int, ...] = (1, 2)
@@ -50,10 +50,14 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of steps with a linear warm-up, and likewise of decay
     min_tokens: int = 1024
     max_tokens: int = 4096
-    sink_tokens: int = 128
-    recent_tokens: int = 512
+    sink_tokens: int = defaults.SINK_TOKENS
+    recent_tokens: int = defaults.default_recent(8192)  # the recent window of an 8K-context model (the default one)
     seed: int = 0
     checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.min_tokens > self.max_tokens:  # found here, not by an empty random range mid-run
+            raise LeankError(f"--min-tokens {self.min_tokens} exceeds --max-tokens {self.max_tokens}")
 
     def learning_rate(self, arch: str) -> float:
         return self.lr if self.lr is not None else (0.02 if arch == "llama" else 0.04)

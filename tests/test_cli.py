@@ -70,6 +70,24 @@ def test_version(leank_cli):
     (["info", "model.gguf", "--json", "true"], "error: true: one argument too many"),
     (["--threads", "0", "info"], "error: --threads: must be >= 1 (got 0)"),
     (["info", "-t", "0"], "error: --threads: must be >= 1 (got 0)"),
+    # values checked against their choices before any work: a usage error naming the option
+    (["info", "--kv", "bogus"], "error: --kv: must be dense, leank, kivi or leank+kivi (got bogus)"),
+    (["generate", "--k-bits", "3"], "error: --k-bits: must be 2, 4, 8 or 16 (got 3)"),
+    (["chat", "--group-size", "0"], "error: --group-size: must be >= 1 (got 0)"),
+    (["convert", "--align", "7"], "error: --align: must be 1, 8, 16 or 32 (got 7)"),
+    (["generate", "--dtype", "int8"], "error: --dtype: must be auto, float32"),
+    (["eval", "-T", "passkey", "-T", "bogus"], "error: --task: must be passkey, multikey, multivalue or vartrack"),
+    (["eval", "--protocol", "both"], "error: --protocol: must be conversation or prefill (got both)"),
+    (["mask", "show", "m.safetensors", "--arch", "gemma"], "error: --arch: must be llama, qwen2 or qwen3 (got gemma)"),
+    (["mask", "train", "--stage", "3"], "error: --stage: must be 1, 2 or both (got 3)"),
+    (["mask", "train", "--lr", "-1"], "error: --lr: must be >= 0.0 (got -1)"),
+    (["mask", "train", "--sink", "-1"], "error: --sink: must be >= 0 (got -1)"),
+    # a missing input or output the command cannot do without
+    (["convert"], "error: --output: no output file"),
+    (["mask", "train"], "error: --output: pass --output"),
+    (["mask", "examples"], "error: --output: pass --output"),
+    (["generate"], "error: --prompt: no prompt"),
+    (["perplexity"], "error: --file: no text to score"),
 ])
 def test_usage_errors_name_the_option_and_exit_2(leank_cli, args, message):
     r = leank_cli(*args)

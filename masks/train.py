@@ -105,10 +105,14 @@ def save_examples(examples: list[Example], path: str | Path, force: bool = True,
 
 
 def load_examples(path: str | Path) -> Callable[[int], Example]:
+    """The examples `save_examples` wrote to `path`, as a function of the example index (cycling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeankError(f"{path}: {'no such file' if not path.exists() else 'not a regular file'}")
     try:
         data = torch.load(str(path), weights_only=True)
     except Exception as e:
-        raise LeankError(f"{path}: not a training-examples file ({type(e).__name__})") from e
+        raise LeankError(f"{path}: not a training-examples file (leank mask examples writes them)") from e
     if not isinstance(data, dict) or data.get("format") != "leank-train-examples":
         raise LeankError(f"{path}: not a training-examples file")
     tokens, offsets = data["tokens"].to(torch.int64).tolist(), data["offsets"].tolist()
@@ -294,7 +298,7 @@ def load_checkpoint(path: str | Path, config: TrainConfig, model) -> TrainState:
     try:
         data = torch.load(str(path), weights_only=True, map_location="cpu")  # resumable on another device
     except Exception as e:
-        raise LeankError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from e
+        raise LeankError(f"{path}: not a readable training checkpoint (damaged? --force starts over)") from e
     if not isinstance(data, dict) or data.get("format") != "leank-train-checkpoint":
         raise LeankError(f"{path}: not a leank training checkpoint")
     if data["config"] != _config_key(config, model):

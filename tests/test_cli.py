@@ -169,6 +169,48 @@ def test_careless_values_get_one_clear_line(leank_cli, tiny_llama, tmp_path):
                           "--data", "is a directory", code=1)
 
 
+def test_foreign_wording_stays_out_of_errors(leank_cli, tiny_llama, tmp_path):
+    """Damaged inputs are named in leank's words, not a library's exception class or message."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a tensor file")
+    pth = tmp_path / "junk.pth"
+    pth.write_text("not a torch file")
+    for args in (["info", junk], ["mask", "show", junk], ["mask", "show", pth, "--arch", "llama"],
+                 ["chat", tiny_llama, "--session", junk], ["mask", "train", tiny_llama, "-o", tmp_path / "t.st",
+                                                           "--data", junk, "--steps", "1"]):
+        r = leank_cli(*args)
+        assert_one_line_error(r, code=1)
+        for word in ("b'GGUF'", "Error:", "Error)", "Weights only", "torch.load"):
+            assert word not in r.stderr, (args, r.stderr)
+
+
+def test_inputs_that_are_pipes_or_missing_are_refused_without_blocking(leank_process, tiny_llama, tmp_path):
+    """A named pipe given as a mask or training data would block a plain open(): refused with one line."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for args in (["generate", tiny_llama, "-p", "hi", "--kv", "leank", "--mask", pipe], ["mask", "show", pipe],
+                 ["mask", "train", tiny_llama, "-o", tmp_path / "t.st", "--data", pipe, "--steps", "1"]):
+        assert_one_line_error(leank_process(*args, timeout=120), "not a regular file", code=1)
+    r = leank_process("mask", "train", tiny_llama, "-o", tmp_path / "t.st", "--data", tmp_path / "none", "--steps", "1")
+    assert_one_line_error(r, "no such file", code=1)
+
+
+def test_examples_with_min_tokens_over_max_tokens(leank_cli, tiny_llama, tmp_path):
+    r = leank_cli("mask", "examples", tiny_llama, "-o", tmp_path / "ex.bin", "-n", "1", "--min-tokens", "500",
+                  "--max-tokens", "100")
+    assert_one_line_error(r, "--min-tokens 500 exceeds --max-tokens 100", code=1)
+    assert not (tmp_path / "ex.bin").exists()
+
+
+def test_standard_input_closed(tiny_llama):
+    """`leank chat <&-`: no standard input at all reads as an empty one."""
+    for args, code in ((["chat", tiny_llama, "-n", "2"], 0), (["generate", tiny_llama, "-p", "-"], 1)):
+        r = subprocess.run([sys.executable, "-m", "leank.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=300, preexec_fn=lambda: os.close(0))
+        assert r.returncode == code and "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr
+        assert code == 0 or r.stderr.strip() == "error: no prompt: standard input is empty"
+
+
 def test_prompt_file_errors(leank_cli, tiny_llama, tmp_path):
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path / "none.txt"), "--file", "no such file")
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path), "is a directory")

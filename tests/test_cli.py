@@ -211,6 +211,16 @@ def test_standard_input_closed(tiny_llama):
         assert code == 0 or r.stderr.strip() == "error: no prompt: standard input is empty"
 
 
+def test_serve_on_a_port_in_use_is_one_line(leank_process, tiny_llama):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = leank_process("serve", tiny_llama, "--port", taken.getsockname()[1], timeout=120)
+    assert_one_line_error(r, "cannot listen on 127.0.0.1:", "address already in use", code=1)
+    r = leank_process("serve", tiny_llama, "--host", "no-such-host.invalid", timeout=120)
+    assert_one_line_error(r, "cannot listen on no-such-host.invalid", code=1)
+
+
 def test_prompt_file_errors(leank_cli, tiny_llama, tmp_path):
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path / "none.txt"), "--file", "no such file")
     assert_one_line_error(leank_cli("generate", tiny_llama, "-f", tmp_path), "is a directory")

@@ -47,8 +47,8 @@ def perplexity(
     m = load_model(model_path(model, model_option), device, dtype, quiet=json_out)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
     if kld and policy.is_dense:
-        raise LeankError("--kld compares a compressed cache with the dense one, and this cache is dense: choose one "
-                         "with --kv (e.g. --kv leank+kivi)")
+        raise LeankError("--kld compares a compressed cache with the dense one, so a dense cache has nothing to "
+                         "compare: choose one with --kv (e.g. --kv leank+kivi)")
     ids = m.tokenize(text)[:ctx]
     if len(ids) < 2:
         raise LeankError(f"{file}: fewer than 2 tokens to score")

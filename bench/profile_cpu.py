@@ -17,7 +17,7 @@ import time
 import leank  # first: it sets OpenMP's wait policy, which libgomp reads when torch loads it
 import torch
 
-BLOCK_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+from leank.kernels.cpu import BLOCK_TYPES as BLOCK_NAMES  # GGML type id -> name
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 OUT = Path("bench/quality_cpu.jsonl")
-LLAMA_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML type ids (gguf.constants.GGMLQuantizationType)
+LLAMA_TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}  # llama.cpp's --cache-type -> GGMLQuantizationType
 
 
 def offline_text() -> str:
@@ -105,7 +105,7 @@ def llama_run(args) -> None:
 
     def logits(type_name: str) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        ggml = LLAMA_TYPES[type_name]
+        ggml = int(GGMLQuantizationType[LLAMA_TYPES[type_name]])
         llm = llama_cpp.Llama(path, n_ctx=len(ids), n_batch=512, n_ubatch=512, logits_all=True, flash_attn=True,
                               type_k=ggml, type_v=ggml, n_threads=args.threads, verbose=False)
         llm.eval(ids[:-1])
@@ -125,7 +125,7 @@ def llama_run(args) -> None:
             d = divergence_stats(ref[i : i + 256], rows[i : i + 256], targets[i : i + 256])
             kld.append(d["kld"]), top1.append(d["top1"]), nll.append(d["nll"])
         s = summarize_divergence(torch.cat(kld), torch.cat(top1), torch.cat(nll))
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(LLAMA_TYPES[type_name])]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[LLAMA_TYPES[type_name]]]
         record = {"kind": "llama.cpp", "policy": f"llama.cpp {type_name}", "model": path, "text": "pydoc_data.topics",
                   "tokens": len(ids), "prefix": args.prefix, **s,
                   "dense_decode_perplexity": float(torch.exp(ref_nll.double().mean())),

@@ -154,6 +154,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run `leank` with `argv` (default: the process's arguments); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if sys.stdin is None:  # started with standard input closed (`leank chat <&-`): read it as empty
+        sys.stdin = open(os.devnull)
     if "LEANK_THREADS" not in os.environ:
         torch.set_num_threads(default_threads())
     command = typer.main.get_command(app)

@@ -9,7 +9,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from typing_extensions import Annotated
 
 from leank.cli.options import (AlignOpt, DebugOpt, ForceOpt, GroupOpt, JsonOpt, KBitsOpt, ModelArg, ModelOpt,
-                               RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path, not_a_directory)
+                               RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, default_model, model_path, not_a_directory,
+                               usage_error)
 from leank.cli.output import (err, files_named_in, human_bytes, out, prepare_output, print_json, print_mask_stats,
                               print_summary)
 from leank.convert.convert import convert as run_convert
@@ -42,7 +43,7 @@ def convert(
     Example: leank convert model.gguf --mask freq:0.7 --k-bits 4 --v-bits 4 -o model-leank.gguf
     """
     if output is None:
-        raise LeankError("no output file: pass -o OUT.gguf")
+        raise usage_error("--output", "no output file: pass -o OUT.gguf")
     src = default_model(model_path(model, model_option))
     not_a_directory(mask, "--mask")
     prepare_output(output, "--output", force=force, inputs=[src, *files_named_in(mask)])

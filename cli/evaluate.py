@@ -12,7 +12,7 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, GroupOpt, ModelArg, ModelOpt, RecentOpt,
-                               SinkOpt, ThreadsOpt, default_model, load_model, model_path, read_text_file)
+                               SinkOpt, ThreadsOpt, default_model, load_model, model_path, one_of, read_text_file)
 from leank.cli.output import err, files_named_in, out, prepare_output
 from leank.errors import LeankError
 from leank.masks.choose import parse_policies
@@ -23,7 +23,7 @@ from leank.runtime.outputs import write_text
 
 def eval_(
     model: ModelArg = None,
-    task: Annotated[Optional[List[str]], typer.Option("--task", "-T", metavar="NAME", help="passkey, multikey, multivalue or vartrack "
+    task: Annotated[Optional[List[str]], typer.Option("--task", "-T", metavar="NAME", callback=one_of(TASKS), help="passkey, multikey, multivalue or vartrack "
                     "(repeat for several).", show_default="passkey")] = None,
     length: Annotated[Optional[List[int]], typer.Option("--length", "-l", min=1, metavar="N", help="Prompt length in tokens (repeat).",
                       show_default="2048")] = None,
@@ -33,11 +33,11 @@ def eval_(
     policy: Annotated[Optional[List[str]], typer.Option("--policy", "-p", metavar="SPEC", help="Cache policy SPEC (repeat): dense, "
                       "kivi4, kivi2, leank:freq:0.5, leank:freq:0.7+kivi4, leank:MASKFILE+kivi2; options after "
                       "commas: kivi2,recent=256,group=64.", show_default="dense, kivi4")] = None,
-    split: Annotated[str, typer.Option("--split", metavar="NAME", help="eval (held out) or train prompts.")] = "eval",
-    haystack: Annotated[str, typer.Option("--haystack", metavar="NAME", help="Filler: faker (varied prose) or repeat (simple "
+    split: Annotated[str, typer.Option("--split", metavar="NAME", callback=one_of(SPLITS), help="eval (held out) or train prompts.")] = "eval",
+    haystack: Annotated[str, typer.Option("--haystack", metavar="NAME", callback=one_of(HAYSTACKS), help="Filler: faker (varied prose) or repeat (simple "
                         "sentences).")] = "faker",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Picks the samples (same seed, same prompts).")] = 0,
-    protocol: Annotated[str, typer.Option("--protocol", metavar="NAME", help="conversation: the question is a second chunk that "
+    protocol: Annotated[str, typer.Option("--protocol", metavar="NAME", callback=one_of(PROTOCOLS), help="conversation: the question is a second chunk that "
                         "attends to the compressed document; prefill: document and question prefilled together, "
                         "only the answer sees compression (LeanK's setting).")] = "conversation",
     ppl_file: Annotated[Optional[Path], typer.Option("--ppl-file", metavar="FILE", help="Also measure decode perplexity on the "
@@ -59,18 +59,6 @@ def eval_(
     """
     tasks, lengths, depths = task or ["passkey"], length or [2048], depth or [0.5]
     specs = policy or ["dense", "kivi4"]
-    for t in tasks:
-        if t not in TASKS:
-            raise LeankError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-    if split not in SPLITS:
-        raise LeankError(f"--split must be one of {', '.join(SPLITS)}")
-    if protocol not in PROTOCOLS:
-        raise LeankError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
-    if haystack not in HAYSTACKS:
-        raise LeankError(f"--haystack must be one of {', '.join(HAYSTACKS)}")
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise LeankError(f"--depth {d} is outside [0, 1]")
     model = model_path(model, model_option)
     prepare_output(json_out, "--json-out", force=force, inputs=[default_model(model), ppl_file, *files_named_in(*specs)])
     ppl_text = read_text_file(ppl_file, "--ppl-file") if ppl_file is not None else None

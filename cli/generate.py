@@ -12,7 +12,8 @@ from leank.cli.options import (DEFAULTS, CtxSizeOpt, DebugOpt, DeviceOpt, DtypeO
                                KBitsOpt, KvOpt, MaskOpt, MaxTokensOpt, MinPOpt, ModelArg, ModelOpt, PresenceOpt,
                                RatioOpt, RecentOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt, SinkOpt, StopOpt,
                                TempOpt, ThreadsOpt, TopKOpt, TopPOpt, VBitsOpt, check_ctx_size, load_model,
-                               model_path, policy_from_options, read_text_file, sampling_from_options)
+                               model_path, policy_from_options, read_text_file, sampling_from_options,
+                               usage_error)
 from leank.cli.output import print_generation_stats, print_json
 from leank.errors import LeankError
 from leank.runtime.defaults import MAX_TOKENS as DEFAULTS_MAX_TOKENS
@@ -49,13 +50,17 @@ def generate(
     Example: leank generate -p "The capital of France is" -n 16 --temp 0
     """
     if prompt is not None and file is not None:
-        raise LeankError("pass the prompt with --prompt or --file, not both")
+        raise usage_error("--prompt", "pass the prompt with --prompt or --file, not both")
+    if prompt is None and file is None:
+        raise usage_error("--prompt", "no prompt: pass --prompt TEXT, --file FILE, or --prompt - to read standard input")
     if file is not None:
-        prompt = read_text_file(file, "--file")
+        prompt, source = read_text_file(file, "--file"), f"--file {file}"
     elif prompt == "-":
-        prompt = sys.stdin.read()
+        prompt, source = sys.stdin.read(), "standard input"
+    elif not prompt:
+        raise usage_error("--prompt", "is empty")
     if not prompt:
-        raise LeankError("no prompt: pass --prompt TEXT, --file FILE, or --prompt - to read standard input")
+        raise LeankError(f"no prompt: {source} is empty")
     m = load_model(model_path(model, model_option), device, dtype, quiet=json_out)
     limit = check_ctx_size(m, ctx_size)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)

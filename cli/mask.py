@@ -8,10 +8,11 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import Annotated
 
-from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model, not_a_directory
+from leank.cli.options import AlignOpt, DebugOpt, ForceOpt, JsonOpt, ThreadsOpt, default_model, not_a_directory, one_of
 from leank.cli.output import err, files_named_in, mask_report, out, prepare_output, print_json, print_mask_stats
 from leank.masks.heatmap import write_heatmap
 from leank.masks.spec import read_mask_source, resolve_mask
+from leank.runtime.arch import names as architecture_names
 from leank.runtime.engine import open_header
 
 SourceArg = Annotated[str, typer.Argument(
@@ -26,6 +27,7 @@ def show(
                                                   help="The GGUF model the mask is for: gives a LeanK .pth its "
                                                        "channel order, a .tsv its heads, a SPEC its model.")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="NAME", show_default=False,
+                                                callback=one_of(architecture_names()),
                                                 help="Architecture whose GGUF channel order a LeanK .pth is put in "
                                                      "(llama, qwen2, qwen3), without --model.")] = None,
     align: AlignOpt = None,

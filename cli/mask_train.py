@@ -9,41 +9,47 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typing_extensions import Annotated
 
-from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, ModelOpt, ThreadsOpt, default_model,
-                               load_model, model_path, not_a_directory)
+from leank.cli.options import (AlignOpt, DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, ModelOpt, ThreadsOpt,
+                               default_model, load_model, model_path, not_a_directory, one_of, usage_error)
 from leank.cli.output import err, out, prepare_output
 from leank.errors import LeankError
 from leank.masks.train import TrainConfig, generated_examples, load_examples, save_examples, train_mask
-from leank.runtime.defaults import SINK_TOKENS as DEFAULT_SINK
-from leank.runtime.defaults import default_recent
+from leank.runtime import defaults
 from leank.runtime.engine import load
+
+STAGES = {"1": (1,), "2": (2,), "both": (1, 2)}
 
 
 def train(
     model: ModelArg = None,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Mask file to write (.safetensors).",
                                          show_default=False)] = None,
-    ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Fraction of K channels to prune.")] = 0.7,
-    align: Annotated[int, typer.Option("--align", help="Kept channels per head: a multiple of 8, 16 or 32.")] = 16,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per stage.")] = 1000,
-    stage: Annotated[str, typer.Option("--stage", help="1 (scaling factors), 2 (binarized, straight-through) or both.")] = "both",
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Stage-1 learning rate (stage 2: half). "
-                                                "Default 0.02 for llama, 0.04 for qwen (LeanK).", show_default=False)] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Stage-1 sparsity weight on mean(alpha).")] = 0.06,
-    min_tokens: Annotated[int, typer.Option("--min-tokens", help="Shortest training context.")] = 1024,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Longest training context "
-                                                      "(default: the model's context, at most 8192).", show_default=False)] = None,
-    sink: Annotated[Optional[int], typer.Option("--sink", help="Unscaled first tokens (default: the cache policy's).",
-                                                show_default=False)] = None,
-    recent: Annotated[Optional[int], typer.Option("--recent", help="Unscaled last tokens (default: the cache policy's).",
-                                                  show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Pre-tokenized examples (`leank mask examples`); "
+    ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, metavar="R",
+                                         help="Fraction of K channels to prune.")] = defaults.RATIO,
+    align: AlignOpt = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, metavar="N", help="Training steps per stage.")] = 1000,
+    stage: Annotated[str, typer.Option("--stage", metavar="1|2|both", callback=one_of(STAGES),
+                                       help="1 (scaling factors), 2 (binarized, straight-through) or both.")] = "both",
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, metavar="X", show_default=False,
+                                                help="Stage-1 learning rate (stage 2: half). "
+                                                "Default 0.02 for llama, 0.04 for qwen (LeanK).")] = None,
+    lam: Annotated[float, typer.Option("--lambda", min=0.0, metavar="X",
+                                       help="Stage-1 sparsity weight on mean(alpha).")] = 0.06,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", min=1, metavar="N", help="Shortest training context.")] = 1024,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, metavar="N", show_default=False,
+                                                      help="Longest training context (default: the model's context, "
+                                                           "at most 8192).")] = None,
+    sink: Annotated[Optional[int], typer.Option("--sink", min=0, metavar="N", show_default=False,
+                                                help="Unscaled first tokens (default: the cache policy's).")] = None,
+    recent: Annotated[Optional[int], typer.Option("--recent", min=0, metavar="N", show_default=False,
+                                                  help="Unscaled last tokens (default: the cache policy's).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Pre-tokenized examples (`leank mask examples`); "
                                                  "default: generated on the fly.", show_default=False)] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint file (default: OUTPUT.ckpt).",
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", metavar="FILE", help="Checkpoint file (default: OUTPUT.ckpt).",
                                                        show_default=False)] = None,
-    every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
+    every: Annotated[int, typer.Option("--checkpoint-every", min=1, metavar="N", help="Steps between checkpoints.")] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint (same settings).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the training data.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed for the training data.")] = 0,
     force: ForceOpt = False,
     device: DeviceOpt = "auto", dtype: DtypeOpt = None,
     model_option: ModelOpt = None, threads: ThreadsOpt = None, debug: DebugOpt = False,
@@ -58,7 +64,7 @@ def train(
     Example: leank mask train --ratio 0.7 --align 16 --steps 300 -o smollm2.safetensors
     """
     if output is None:
-        raise LeankError("pass --output FILE.safetensors for the trained mask")
+        raise usage_error("--output", "pass --output FILE.safetensors for the trained mask")
     model = model_path(model, model_option)
     src = default_model(model)
     ckpt = checkpoint or output.with_name(output.name + ".ckpt")
@@ -68,21 +74,17 @@ def train(
     prepare_output(ckpt, "--checkpoint", force=True, inputs=[src, data, output])
     if ckpt.exists() and not (resume or force):
         raise LeankError(f"--checkpoint {ckpt}: already exists; --resume continues from it, --force starts over")
-    stages = {"1": (1,), "2": (2,), "both": (1, 2)}.get(stage)
-    if stages is None:
-        raise LeankError("--stage must be 1, 2 or both")
+    stages = STAGES[stage]
     torch.manual_seed(seed)
     m = load_model(model, device, dtype)
     if m.device.type == "cpu" and m.dtype == torch.float32:
         m = load(m.path, device="cpu", weights="float32")  # gradients need plain float32 matrices
     a = m.args
     examples = load_examples(data) if data is not None else None
-    cfg = TrainConfig(ratio=ratio, align=align, steps=steps, stages=stages, lr=lr, lam=lam, min_tokens=min_tokens,
+    cfg = TrainConfig(ratio=ratio, align=align or defaults.ALIGN, steps=steps, stages=stages, lr=lr, lam=lam, min_tokens=min_tokens,
                       max_tokens=max_tokens or min(a.context_length, 8192), seed=seed, checkpoint_every=every,
-                      sink_tokens=sink if sink is not None else DEFAULT_SINK,
-                      recent_tokens=recent if recent is not None else default_recent(a.context_length))
-    if cfg.min_tokens > cfg.max_tokens:
-        raise LeankError(f"--min-tokens {cfg.min_tokens} exceeds --max-tokens {cfg.max_tokens}")
+                      sink_tokens=sink if sink is not None else defaults.SINK_TOKENS,
+                      recent_tokens=recent if recent is not None else defaults.default_recent(a.context_length))
     total = steps * len(stages)
     with Progress(TextColumn("stage {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4g}  mse {task.fields[mse]:.3g}  mean α {task.fields[alpha]:.3f}  "
@@ -118,7 +120,7 @@ def examples(
 ):
     """Write pre-tokenized training examples, for training on a machine without the tokenizer."""
     if output is None:
-        raise LeankError("pass --output FILE")
+        raise usage_error("--output", "pass --output FILE")
     model = default_model(model_path(model, model_option))
     prepare_output(output, "--output", force=force, inputs=[model])
     m = load_model(model, "cpu")

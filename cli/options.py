@@ -17,9 +17,12 @@ from typing_extensions import Annotated
 
 from leank.cli.output import err, human_bytes as human, memory_sum
 from leank.errors import LeankError
+from leank.kernels.quant import BITS
 from leank.masks.choose import PLANNER_PRESETS, build_policy, planner_policies
+from leank.runtime.cache.mask import ALIGNMENTS
+from leank.runtime.cache.policy import KINDS
 from leank.runtime.defaults import default_model_path
-from leank.runtime.engine import load
+from leank.runtime.engine import DTYPE_NAMES, load
 from leank.runtime.generate import SamplingParams
 from leank.runtime.memory import first_fitting, loaded_weights, plan_memory
 
@@ -35,6 +38,26 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", metavar="FILE
                                                   help="GGUF model file, as llama.cpp's -m (or give it as MODEL).")]
 
 
+def usage_error(option: str, message: str) -> typer.BadParameter:
+    """A usage error about `option` (exit 2, `error: OPTION: message`), for checks in a command's body."""
+    return typer.BadParameter(message, param_hint=f"'{option}'")
+
+
+def one_of(values):
+    """An option callback that accepts only `values` (or None): anything else is a usage error naming the
+    option and the choices. Repeatable options are checked value by value."""
+    allowed = [str(v) for v in values]
+    words = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+
+    def check(value):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and str(v) not in allowed:
+                raise typer.BadParameter(f"must be {words} (got {v})")
+        return value
+
+    return check
+
+
 def check_device(value: str) -> str:
     """The --device callback: refuses a device name torch would list its device types for."""
     if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
@@ -47,7 +70,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", metavar="NAME", callback=che
 DtypeOpt = Annotated[
     Optional[str],
     typer.Option("--dtype", metavar="NAME", help="float32 (CPU default), bfloat16, float16 (CUDA default).",
-                 show_default=False),
+                 show_default=False, callback=one_of(["auto", *DTYPE_NAMES])),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists (never an input of the "
@@ -116,7 +139,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", callback=set_debug,
 # --- cache policy options (generate, chat, perplexity, eval, info) -------------------------------------------
 KvOpt = Annotated[
     Optional[str],
-    typer.Option("--kv", metavar="KIND", help="KV cache: dense, leank (pruned K channels), kivi (quantized), "
+    typer.Option("--kv", metavar="KIND", callback=one_of(KINDS), help="KV cache: dense, leank (pruned K channels), kivi (quantized), "
                  "leank+kivi. Default: what the file embeds (leank convert), else dense.", show_default=False),
 ]
 MaskOpt = Annotated[
@@ -130,17 +153,17 @@ RatioOpt = Annotated[
     typer.Option("--ratio", min=0.0, max=1.0, metavar="R", show_default=False,
                  help="Fraction of K channels to prune when a mask is generated (e.g. 0.7)."),
 ]
-KBitsOpt = Annotated[Optional[int], typer.Option("--k-bits", metavar="N", show_default=False,
+KBitsOpt = Annotated[Optional[int], typer.Option("--k-bits", metavar="N", show_default=False, callback=one_of(BITS),
                                                  help="Bits for middle-region K: 2, 4, 8, or 16 (not quantized).")]
-VBitsOpt = Annotated[Optional[int], typer.Option("--v-bits", metavar="N", show_default=False,
+VBitsOpt = Annotated[Optional[int], typer.Option("--v-bits", metavar="N", show_default=False, callback=one_of(BITS),
                                                  help="Bits for middle-region V: 2, 4, 8, or 16.")]
-GroupOpt = Annotated[Optional[int], typer.Option("--group-size", metavar="N", show_default=False,
+GroupOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, metavar="N", show_default=False,
                                                  help="KIVI group: tokens per K scale, channels per V scale.")]
 SinkOpt = Annotated[Optional[int], typer.Option("--sink", min=0, metavar="N", show_default=False,
                                                 help="First tokens kept in full precision.")]
 RecentOpt = Annotated[Optional[int], typer.Option("--recent", min=0, metavar="N", show_default=False,
                                                   help="Last tokens kept in full precision.")]
-AlignOpt = Annotated[Optional[int], typer.Option("--align", metavar="N", show_default=False,
+AlignOpt = Annotated[Optional[int], typer.Option("--align", metavar="N", show_default=False, callback=one_of(ALIGNMENTS),
                                                  help="Kept channels per head are a multiple of this (8, 16 or 32; "
                                                       "default 16) for masks made from scores: freq, calib, .tsv.")]
 

@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from leank.cli.options import (DebugOpt, DeviceOpt, DtypeOpt, GroupOpt, JsonOpt, KBitsOpt, KvOpt, MaskOpt, ModelArg,
                                ModelOpt, RatioOpt, RecentOpt, SinkOpt, ThreadsOpt, VBitsOpt, load_model, model_path,
-                               policy_from_options, read_text_file)
+                               policy_from_options, read_text_file, usage_error)
 from leank.cli.output import err, out, print_json
 from leank.errors import LeankError
 from leank.masks.evaluate import kl_divergence
@@ -42,10 +42,13 @@ def perplexity(
     what compression costs.
     """
     if file is None:
-        raise LeankError("no text to score: pass --file FILE")
+        raise usage_error("--file", "no text to score: pass --file FILE")
     text = read_text_file(file, "--file")
     m = load_model(model_path(model, model_option), device, dtype, quiet=json_out)
     policy = policy_from_options(m, kv, mask, ratio, k_bits, v_bits, group_size, sink, recent)
+    if kld and policy.is_dense:
+        raise LeankError("--kld compares a compressed cache with the dense one, so a dense cache has nothing to "
+                         "compare: choose one with --kv (e.g. --kv leank+kivi)")
     ids = m.tokenize(text)[:ctx]
     if len(ids) < 2:
         raise LeankError(f"{file}: fewer than 2 tokens to score")

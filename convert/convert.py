@@ -16,10 +16,10 @@ from typing import Callable
 from leank.convert.inspect import model_summary
 from leank.convert.writer import rewrite_gguf
 from leank.errors import LeankError
+from leank.masks.choose import NO_MASK, build_policy
 from leank.masks.choose import choose_mask as choose_mask_for
 from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.policy import CachePolicy
-from leank.runtime.defaults import default_recent
 from leank.runtime.engine import open_header
 from leank.runtime.gguf.schema import PREFIX, k_fingerprint, write_leank_metadata
 
@@ -81,13 +81,11 @@ def convert(model: str | Path, output: str | Path, mask: str | Mask | None = Non
         raise LeankError(f"{output}: already exists (use --force to overwrite)")
     header = open_header(model, tolerate_invalid_policy=True)
     notes = header.notes
-    a = header.args
     chosen, origin = choose_mask(header, mask, align, mask_progress)
-    base = header.policy or CachePolicy(recent_tokens=default_recent(a.context_length))
-    settings = {"k_bits": k_bits, "v_bits": v_bits, "group_size": group_size, "sink_tokens": sink_tokens,
-                "recent_tokens": recent_tokens, "block_tokens": block_tokens, "rotate": rotate}
-    policy = base.replace(mask=chosen, **{k: v for k, v in settings.items() if v is not None})
-    policy.validate(a.n_layers, a.n_kv_heads, a.head_dim, a.context_length)
+    # the one path from user choices to a policy; unset settings keep the input's, else the defaults
+    policy = build_policy(header, mask=chosen if chosen is not None else NO_MASK, k_bits=k_bits, v_bits=v_bits,
+                          group_size=group_size, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                          block_tokens=block_tokens, rotate=rotate)
     fingerprint = k_fingerprint(header.file)
     try:
         stats = rewrite_gguf(header.file, output, force=force, drop_keys=lambda key: key.startswith(PREFIX),

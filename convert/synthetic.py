@@ -11,6 +11,9 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf.constants import MODEL_TENSOR as T
+
+from leank.runtime.arch.base import tensor_name
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -194,31 +197,30 @@ def write_tiny_model(path: str | Path, spec: TinySpec | None = None, **overrides
         emb = tiled(vocab, spec.dim, 0.5)
     else:
         emb = (rng.standard_normal((vocab, spec.dim)) * 0.5).astype(np.float32)
-    add_matrix("token_embd.weight", emb)
-    add_vector("output_norm.weight", 1.0 + 0.1 * rng.standard_normal(spec.dim))
+    add_matrix(tensor_name(T.TOKEN_EMBD), emb)
+    add_vector(tensor_name(T.OUTPUT_NORM), 1.0 + 0.1 * rng.standard_normal(spec.dim))
     if not spec.tied:
-        add_matrix("output.weight", mat(vocab, spec.dim))
+        add_matrix(tensor_name(T.OUTPUT), mat(vocab, spec.dim))
     if spec.rope_freqs:
-        add_vector("rope_freqs.weight", np.linspace(1.0, 8.0, hd // 2))
+        add_vector(tensor_name(T.ROPE_FREQS), np.linspace(1.0, 8.0, hd // 2))
     qs, kvs = spec.n_heads * hd, spec.n_kv_heads * hd
     for i in range(spec.n_layers):
-        p = f"blk.{i}."
-        add_vector(p + "attn_norm.weight", 1.0 + 0.1 * rng.standard_normal(spec.dim))
-        add_matrix(p + "attn_q.weight", mat(qs, spec.dim))
-        add_matrix(p + "attn_k.weight", mat(kvs, spec.dim))
-        add_matrix(p + "attn_v.weight", mat(kvs, spec.dim))
+        add_vector(tensor_name(T.ATTN_NORM, i), 1.0 + 0.1 * rng.standard_normal(spec.dim))
+        add_matrix(tensor_name(T.ATTN_Q, i), mat(qs, spec.dim))
+        add_matrix(tensor_name(T.ATTN_K, i), mat(kvs, spec.dim))
+        add_matrix(tensor_name(T.ATTN_V, i), mat(kvs, spec.dim))
         if a == "qwen2":
-            add_vector(p + "attn_q.bias", 0.1 * rng.standard_normal(qs))
-            add_vector(p + "attn_k.bias", 0.1 * rng.standard_normal(kvs))
-            add_vector(p + "attn_v.bias", 0.1 * rng.standard_normal(kvs))
+            add_vector(tensor_name(T.ATTN_Q, i, "bias"), 0.1 * rng.standard_normal(qs))
+            add_vector(tensor_name(T.ATTN_K, i, "bias"), 0.1 * rng.standard_normal(kvs))
+            add_vector(tensor_name(T.ATTN_V, i, "bias"), 0.1 * rng.standard_normal(kvs))
         if a == "qwen3":
-            add_vector(p + "attn_q_norm.weight", 1.0 + 0.1 * rng.standard_normal(hd))
-            add_vector(p + "attn_k_norm.weight", 1.0 + 0.1 * rng.standard_normal(hd))
-        add_matrix(p + "attn_output.weight", mat(spec.dim, qs))
-        add_vector(p + "ffn_norm.weight", 1.0 + 0.1 * rng.standard_normal(spec.dim))
-        add_matrix(p + "ffn_gate.weight", mat(spec.ffn_dim, spec.dim))
-        add_matrix(p + "ffn_up.weight", mat(spec.ffn_dim, spec.dim))
-        add_matrix(p + "ffn_down.weight", mat(spec.dim, spec.ffn_dim))
+            add_vector(tensor_name(T.ATTN_Q_NORM, i), 1.0 + 0.1 * rng.standard_normal(hd))
+            add_vector(tensor_name(T.ATTN_K_NORM, i), 1.0 + 0.1 * rng.standard_normal(hd))
+        add_matrix(tensor_name(T.ATTN_OUT, i), mat(spec.dim, qs))
+        add_vector(tensor_name(T.FFN_NORM, i), 1.0 + 0.1 * rng.standard_normal(spec.dim))
+        add_matrix(tensor_name(T.FFN_GATE, i), mat(spec.ffn_dim, spec.dim))
+        add_matrix(tensor_name(T.FFN_UP, i), mat(spec.ffn_dim, spec.dim))
+        add_matrix(tensor_name(T.FFN_DOWN, i), mat(spec.dim, spec.ffn_dim))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

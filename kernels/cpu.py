@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from leank.kernels import reference
 
@@ -277,8 +278,9 @@ def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, s
 
 
 # --- matrices in GGUF's quantized blocks -------------------------------------------------------------
-# GGML type id -> name, for the block types cpu_matmul.c decodes (ggml's layouts)
-BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# GGML type id -> name, for the block types cpu_matmul.c decodes (ggml's layouts); ids from gguf-py
+BLOCK_TYPES = {int(GGMLQuantizationType[name]): name
+               for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")}
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:

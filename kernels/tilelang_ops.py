@@ -86,7 +86,7 @@ def _fast_codes(head_dim: int, n_channels: int, k_bits: int, v_bits: int, group:
     """(K, V): whether the middle kernel takes those codes as int32 words (fast unpack)."""
     key = (head_dim, n_channels, k_bits, v_bits, group, dtype)
     if key not in _FAST:
-        from leank.kernels import tl_decode
+        from leank.kernels import tl_decode  # imports TileLang: only on the CUDA path (module docstring)
 
         _FAST[key] = tl_decode.fast_codes(*key)
     return _FAST[key]
@@ -110,7 +110,7 @@ def _target():
 
 def build(spec: tuple):
     """The prim_func of a kernel spec (kind, *configuration)."""
-    from leank.kernels import tl_decode, tl_gemv, tl_quant
+    from leank.kernels import tl_decode, tl_gemv, tl_quant  # import TileLang, as above
 
     kind, *cfg = spec
     if kind == "full":
@@ -136,7 +136,7 @@ def kernel(spec: tuple):
     """The compiled kernel of `spec`, from this process, TileLang's disk cache, or a fresh compile."""
     k = _KERNELS.get(spec)
     if k is None:
-        import tilelang
+        import tilelang  # optional: the CUDA path only
 
         k = _KERNELS[spec] = tilelang.compile(build(spec), target=_target(), execution_backend="tvm_ffi")
     return k

@@ -18,6 +18,8 @@ Reference: `leank.kernels.reference.compressed_attention`.
 
 import tilelang.language as T
 
+from leank.kernels.quant import PACKABLE_BITS
+
 ACCUM = "float32"
 LOG2E = 1.4426950408889634
 _MAGIC = {"float16": 0x6400, "bfloat16": 0x4300}  # 1024 (10 mantissa bits), 128 (7 mantissa bits)
@@ -27,7 +29,7 @@ _MANTISSA = {"float16": 10, "bfloat16": 7}
 def fast_unpack_ok(bits: int, dtype: str) -> bool:
     """Whether `bits`-bit codes unpack exactly through the magic-number trick in `dtype`: a code must fit
     the mantissa below the magic number's exponent (8-bit codes do not in bfloat16)."""
-    return bits in (2, 4, 8) and bits <= _MANTISSA.get(dtype, 0)
+    return bits in PACKABLE_BITS and bits <= _MANTISSA.get(dtype, 0)
 
 
 def unpack_channel(p, bits: int):

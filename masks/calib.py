@@ -40,7 +40,7 @@ SKIP_POSITIONS = 16
 
 # --- calibration text ----------------------------------------------------------------------------------
 def _faker_documents(rng: random.Random, n: int) -> list[str]:
-    from faker import Faker
+    from faker import Faker  # optional (extra `train`): only calibration and training text need it
 
     fake = Faker("en_US")
     fake.seed_instance(rng.randrange(1 << 30))

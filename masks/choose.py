@@ -50,7 +50,7 @@ def choose_mask(model, spec: str | Mask | None = None, ratio: float | None = Non
     return resolve_mask(f"freq:{defaults.RATIO}", model, align), "generated"
 
 
-def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: float | None = None,
+def build_policy(model, kv: str | None = None, mask: str | Mask | None = None, ratio: float | None = None,
                  k_bits: int | None = None, v_bits: int | None = None, group_size: int | None = None,
                  sink_tokens: int | None = None, recent_tokens: int | None = None,
                  block_tokens: int | None = None, rotate: bool | None = None) -> CachePolicy:
@@ -58,7 +58,8 @@ def build_policy(model, kv: str | None = None, mask: str | None = None, ratio: f
     to the file, then the defaults.
 
     kv=None keeps what the file embeds (dense for a plain file), with any explicit setting applied on
-    top. kv="leank" needs a mask: `mask` (a SPEC, see `leank.masks.spec`), else `choose_mask`'s chain.
+    top. kv="leank" needs a mask: `mask` (a SPEC, see `leank.masks.spec`, a `Mask`, or "none" for every
+    channel kept), else `choose_mask`'s chain.
     """
     args = model.args
     base = model.policy or CachePolicy(recent_tokens=defaults.default_recent(args.context_length))

@@ -69,10 +69,9 @@ def import_leank_pth(path: str | Path, arch: str | None) -> Mask:
     _check_zip_expansion(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for forbidden objects, RuntimeError/EOFError/... for damage
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LeankError(f"{path}: not a loadable tensor file; only plain tensors are accepted "
-                         f"({type(e).__name__}: {first[:200]})") from None
+    except Exception:  # UnpicklingError for forbidden objects, RuntimeError/EOFError/... for damage
+        raise LeankError(f"{path}: not a loadable tensor file; only plain tensors are accepted (this one is "
+                         "damaged, not a torch file, or holds other Python objects)") from None
     if not isinstance(obj, torch.Tensor):
         raise LeankError(f"{path}: expected one tensor (layers, kv_heads, head_dim), found a {type(obj).__name__}")
     if obj.layout != torch.strided or obj.is_quantized:

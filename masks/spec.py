@@ -126,6 +126,10 @@ def read_mask_source(source: str, arch: str | None = None, model=None, align: in
 def load_mask_file(path: Path, arch: str | None) -> Mask:
     """A mask file of any kind: a LeanK .pth (put into `arch`'s GGUF order; its own order without
     `arch`), a converted GGUF's embedded mask, or a native mask file."""
+    if path.is_dir():
+        raise LeankError(f"{path}: is a directory, not a mask file")
+    if path.exists() and not path.is_file():  # a named pipe would block the reads below, a device never end
+        raise LeankError(f"{path}: not a regular file")
     if path.suffix.lower() in (".pth", ".pt"):
         return import_leank_pth(path, arch)
     if is_gguf(path):

@@ -201,7 +201,7 @@ def _faker_words() -> dict[str, tuple[str, ...]]:
     Sentences are composed from these pools with each sample's own random generator: calling faker for
     every sentence would cost most of a second per 7K-token haystack.
     """
-    from faker import Faker
+    from faker import Faker  # optional (extra `train`): only the faker haystack needs it
 
     fake = Faker("en_US")
     fake.seed_instance(20250807)

@@ -41,7 +41,7 @@ TRAIN_TASKS = ("multikey", "multivalue")  # LeanK's two retrieval tasks, in alte
 
 @dataclass
 class TrainConfig:
-    ratio: float = 0.7  # fraction of K channels pruned
+    ratio: float = defaults.RATIO  # fraction of K channels pruned
     align: int = defaults.ALIGN
     steps: int = 1000  # per stage
     stages: tuple[int, ...] = (1, 2)
@@ -50,10 +50,14 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of steps with a linear warm-up, and likewise of decay
     min_tokens: int = 1024
     max_tokens: int = 4096
-    sink_tokens: int = 128
-    recent_tokens: int = 512
+    sink_tokens: int = defaults.SINK_TOKENS
+    recent_tokens: int = defaults.default_recent(8192)  # the recent window of an 8K-context model (the default one)
     seed: int = 0
     checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.min_tokens > self.max_tokens:  # found here, not by an empty random range mid-run
+            raise LeankError(f"--min-tokens {self.min_tokens} exceeds --max-tokens {self.max_tokens}")
 
     def learning_rate(self, arch: str) -> float:
         return self.lr if self.lr is not None else (0.02 if arch == "llama" else 0.04)
@@ -101,10 +105,14 @@ def save_examples(examples: list[Example], path: str | Path, force: bool = True,
 
 
 def load_examples(path: str | Path) -> Callable[[int], Example]:
+    """The examples `save_examples` wrote to `path`, as a function of the example index (cycling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeankError(f"{path}: {'no such file' if not path.exists() else 'not a regular file'}")
     try:
         data = torch.load(str(path), weights_only=True)
     except Exception as e:
-        raise LeankError(f"{path}: not a training-examples file ({type(e).__name__})") from e
+        raise LeankError(f"{path}: not a training-examples file (leank mask examples writes them)") from e
     if not isinstance(data, dict) or data.get("format") != "leank-train-examples":
         raise LeankError(f"{path}: not a training-examples file")
     tokens, offsets = data["tokens"].to(torch.int64).tolist(), data["offsets"].tolist()
@@ -290,7 +298,7 @@ def load_checkpoint(path: str | Path, config: TrainConfig, model) -> TrainState:
     try:
         data = torch.load(str(path), weights_only=True, map_location="cpu")  # resumable on another device
     except Exception as e:
-        raise LeankError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from e
+        raise LeankError(f"{path}: not a readable training checkpoint (damaged? --force starts over)") from e
     if not isinstance(data, dict) or data.get("format") != "leank-train-checkpoint":
         raise LeankError(f"{path}: not a leank training checkpoint")
     if data["config"] != _config_key(config, model):

@@ -40,15 +40,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in names:
+        if dtype not in DTYPE_NAMES:
             raise LeankError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-        dtype = names[dtype]
+        dtype = DTYPE_NAMES[dtype]
     if device.type == "cpu" and dtype == torch.float16:
         raise LeankError("float16 is not supported on CPU; use float32 (default) or bfloat16")
     return dtype

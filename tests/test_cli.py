@@ -70,6 +70,24 @@ def test_version(leank_cli):
     (["info", "model.gguf", "--json", "true"], "error: true: one argument too many"),
     (["--threads", "0", "info"], "error: --threads: must be >= 1 (got 0)"),
     (["info", "-t", "0"], "error: --threads: must be >= 1 (got 0)"),
+    # values checked against their choices before any work: a usage error naming the option
+    (["info", "--kv", "bogus"], "error: --kv: must be dense, leank, kivi or leank+kivi (got bogus)"),
+    (["generate", "--k-bits", "3"], "error: --k-bits: must be 2, 4, 8 or 16 (got 3)"),
+    (["chat", "--group-size", "0"], "error: --group-size: must be >= 1 (got 0)"),
+    (["convert", "--align", "7"], "error: --align: must be 1, 8, 16 or 32 (got 7)"),
+    (["generate", "--dtype", "int8"], "error: --dtype: must be auto, float32"),
+    (["eval", "-T", "passkey", "-T", "bogus"], "error: --task: must be passkey, multikey, multivalue or vartrack"),
+    (["eval", "--protocol", "both"], "error: --protocol: must be conversation or prefill (got both)"),
+    (["mask", "show", "m.safetensors", "--arch", "gemma"], "error: --arch: must be llama, qwen2 or qwen3 (got gemma)"),
+    (["mask", "train", "--stage", "3"], "error: --stage: must be 1, 2 or both (got 3)"),
+    (["mask", "train", "--lr", "-1"], "error: --lr: must be >= 0.0 (got -1)"),
+    (["mask", "train", "--sink", "-1"], "error: --sink: must be >= 0 (got -1)"),
+    # a missing input or output the command cannot do without
+    (["convert"], "error: --output: no output file"),
+    (["mask", "train"], "error: --output: pass --output"),
+    (["mask", "examples"], "error: --output: pass --output"),
+    (["generate"], "error: --prompt: no prompt"),
+    (["perplexity"], "error: --file: no text to score"),
 ])
 def test_usage_errors_name_the_option_and_exit_2(leank_cli, args, message):
     r = leank_cli(*args)
@@ -149,6 +167,58 @@ def test_careless_values_get_one_clear_line(leank_cli, tiny_llama, tmp_path):
     assert_one_line_error(leank_cli("info", tmp_path), "is a directory", code=1)
     assert_one_line_error(leank_cli("mask", "train", tiny_llama, "-o", tmp_path / "m.st", "--data", tmp_path),
                           "--data", "is a directory", code=1)
+
+
+def test_foreign_wording_stays_out_of_errors(leank_cli, tiny_llama, tmp_path):
+    """Damaged inputs are named in leank's words, not a library's exception class or message."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a tensor file")
+    pth = tmp_path / "junk.pth"
+    pth.write_text("not a torch file")
+    for args in (["info", junk], ["mask", "show", junk], ["mask", "show", pth, "--arch", "llama"],
+                 ["chat", tiny_llama, "--session", junk], ["mask", "train", tiny_llama, "-o", tmp_path / "t.st",
+                                                           "--data", junk, "--steps", "1"]):
+        r = leank_cli(*args)
+        assert_one_line_error(r, code=1)
+        for word in ("b'GGUF'", "Error:", "Error)", "Weights only", "torch.load"):
+            assert word not in r.stderr, (args, r.stderr)
+
+
+def test_inputs_that_are_pipes_or_missing_are_refused_without_blocking(leank_process, tiny_llama, tmp_path):
+    """A named pipe given as a mask or training data would block a plain open(): refused with one line."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for args in (["generate", tiny_llama, "-p", "hi", "--kv", "leank", "--mask", pipe], ["mask", "show", pipe],
+                 ["mask", "train", tiny_llama, "-o", tmp_path / "t.st", "--data", pipe, "--steps", "1"]):
+        assert_one_line_error(leank_process(*args, timeout=120), "not a regular file", code=1)
+    r = leank_process("mask", "train", tiny_llama, "-o", tmp_path / "t.st", "--data", tmp_path / "none", "--steps", "1")
+    assert_one_line_error(r, "no such file", code=1)
+
+
+def test_examples_with_min_tokens_over_max_tokens(leank_cli, tiny_llama, tmp_path):
+    r = leank_cli("mask", "examples", tiny_llama, "-o", tmp_path / "ex.bin", "-n", "1", "--min-tokens", "500",
+                  "--max-tokens", "100")
+    assert_one_line_error(r, "--min-tokens 500 exceeds --max-tokens 100", code=1)
+    assert not (tmp_path / "ex.bin").exists()
+
+
+def test_standard_input_closed(tiny_llama):
+    """`leank chat <&-`: no standard input at all reads as an empty one."""
+    for args, code in ((["chat", tiny_llama, "-n", "2"], 0), (["generate", tiny_llama, "-p", "-"], 1)):
+        r = subprocess.run([sys.executable, "-m", "leank.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=300, preexec_fn=lambda: os.close(0))
+        assert r.returncode == code and "Traceback" not in r.stderr and "unexpected" not in r.stderr, r.stderr
+        assert code == 0 or r.stderr.strip() == "error: no prompt: standard input is empty"
+
+
+def test_serve_on_a_port_in_use_is_one_line(leank_process, tiny_llama):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = leank_process("serve", tiny_llama, "--port", taken.getsockname()[1], timeout=120)
+    assert_one_line_error(r, "cannot listen on 127.0.0.1:", "address already in use", code=1)
+    r = leank_process("serve", tiny_llama, "--host", "no-such-host.invalid", timeout=120)
+    assert_one_line_error(r, "cannot listen on no-such-host.invalid", code=1)
 
 
 def test_prompt_file_errors(leank_cli, tiny_llama, tmp_path):

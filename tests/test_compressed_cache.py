@@ -45,6 +45,16 @@ def drive(cache, steps, q_heads, prefill=0, generator=None, batch=1):
             yield layer, q, k, v, cache.attend(layer, q)
 
 
+def drive_history(cache, steps, q_heads, prefill=0, generator=None, batch=1):
+    """`drive` on a one-layer cache, yielding (q, every key so far, every value so far, out)."""
+    assert cache.n_layers == 1
+    keys = values = None
+    for _, q, k, v, out in drive(cache, steps, q_heads, prefill, generator, batch):
+        keys = k if keys is None else torch.cat([keys, k], 2)
+        values = v if values is None else torch.cat([values, v], 2)
+        yield q, keys, values, out
+
+
 @pytest.mark.parametrize("head_dim,n_kv,rep", [(64, 3, 3), (128, 2, 4), (64, 1, 8), (128, 4, 1)])
 def test_all_ones_mask_without_quantization_equals_dense(head_dim, n_kv, rep):
     args = args_for(2, n_kv, head_dim)
@@ -86,11 +96,8 @@ def test_mask_without_quantization_equals_zeroed_channel_reference(head_dim, n_k
     mask = random_mask(1, n_kv, head_dim, generator=gen)
     policy = CachePolicy(mask=mask, sink_tokens=4, recent_tokens=10, block_tokens=16, group_size=16)
     cache = CompressedCache(policy, args_for(1, n_kv, head_dim), batch=batch)
-    keys = values = None
     checked = 0
-    for layer, q, k, v, out in drive(cache, 70, n_kv * rep, 23, gen, batch):
-        keys = k if keys is None else torch.cat([keys, k], 2)
-        values = v if values is None else torch.cat([values, v], 2)
+    for q, keys, values, out in drive_history(cache, 70, n_kv * rep, 23, gen, batch):
         n = keys.shape[2]
         # the middle as it was when the query attended (compaction runs after attend)
         _, middle = region_sizes(policy, n - q.shape[2])
@@ -126,11 +133,8 @@ def test_quantized_cache_equals_dequantized_reference(kbits, vbits, head_dim, n_
     policy = CachePolicy(mask=mask, k_bits=kbits, v_bits=vbits, sink_tokens=5, recent_tokens=11, block_tokens=32,
                          group_size=32)
     cache = CompressedCache(policy, args_for(1, n_kv, head_dim), batch=batch)
-    keys = values = None
     checked = 0
-    for layer, q, k, v, out in drive(cache, 75, n_kv * rep, 29, gen, batch):
-        keys = k if keys is None else torch.cat([keys, k], 2)
-        values = v if values is None else torch.cat([values, v], 2)
+    for q, keys, values, out in drive_history(cache, 75, n_kv * rep, 29, gen, batch):
         _, middle = region_sizes(policy, keys.shape[2] - q.shape[2])
         kq, vq = quantized_middle(keys, values, mask.kept[0], 5, 5 + middle, kbits, vbits, 32)
         ref = masked_reference(kq, vq, q, mask.kept[0].float(), (5, 5 + middle))

@@ -15,8 +15,7 @@ LAYERS = {"errors": 0, "kernels": 1, "runtime": 2, "masks": 3, "convert": 4, "cl
 # leank modules that import TileLang at their top: the only leank imports allowed inside functions
 LAZY_LEANK = {"leank.kernels.tl_decode", "leank.kernels.tl_gemv", "leank.kernels.tl_quant", "leank.kernels.tilelang_ops"}
 # optional or heavy third-party packages, imported where they are needed
-LAZY_THIRD_PARTY = {"tilelang", "llama_cpp", "faker", "readline", "prompt_toolkit", "uvicorn", "fastapi",
-                    "starlette", "multiprocessing", "torch", "rich", "zipfile"}
+LAZY_THIRD_PARTY = {"tilelang", "llama_cpp", "faker", "prompt_toolkit", "uvicorn"}
 
 
 def modules() -> dict[str, Path]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gguf.constants import MODEL_TENSOR
 from gguf.constants import GGUFValueType as V
 
 from leank.errors import LeankError
 from leank.runtime.arch import get as get_architecture
 from leank.runtime.arch import names as architecture_names
-from leank.runtime.arch.base import Architecture
+from leank.runtime.arch.base import Architecture, tensor_name
 from leank.runtime.gguf.reader import ARRAY, STRING, GGUFFile
 
 # Bounds on what a file may claim. Sizes are also checked against the tensors, which must lie in the file,
@@ -141,9 +142,10 @@ def read_model_args(f: GGUFFile) -> ModelArgs:
     rope_dims = _int(f, f"{a}.rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise LeankError(f"{f.path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-    if not f.has_tensor("token_embd.weight"):
-        raise LeankError(f"{f.path}: tensor 'token_embd.weight' is missing")
-    vocab_size = f.tensor_shape("token_embd.weight")[0]
+    embedding = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
+    if not f.has_tensor(embedding):
+        raise LeankError(f"{f.path}: tensor '{embedding}' is missing")
+    vocab_size = f.tensor_shape(embedding)[0]
 
     kind = f.get(f"{a}.rope.scaling.type", "none", max_items=0) or "none"
     if kind not in ("none", "linear", "yarn"):
@@ -183,10 +185,10 @@ def read_model_args(f: GGUFFile) -> ModelArgs:
         rope_base=rope_base,
         rope_dims=rope_dims,
         rope_scaling=scaling,
-        qkv_bias=f.has_tensor("blk.0.attn_q.bias"),
-        qk_norm=f.has_tensor("blk.0.attn_q_norm.weight"),
-        tied_embeddings=not f.has_tensor("output.weight"),
-        has_rope_freqs=f.has_tensor("rope_freqs.weight"),
+        qkv_bias=f.has_tensor(tensor_name(MODEL_TENSOR.ATTN_Q, 0, "bias")),
+        qk_norm=f.has_tensor(tensor_name(MODEL_TENSOR.ATTN_Q_NORM, 0)),
+        tied_embeddings=not f.has_tensor(tensor_name(MODEL_TENSOR.OUTPUT)),
+        has_rope_freqs=f.has_tensor(tensor_name(MODEL_TENSOR.ROPE_FREQS)),
     )
     check_tensor_shapes(f, args)
     check_vocabulary(f, vocab_size)

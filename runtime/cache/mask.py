@@ -176,7 +176,7 @@ class Mask:
         except LeankError:
             raise
         except Exception as e:
-            raise LeankError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from e
+            raise LeankError(f"{path}: not a readable mask file (not safetensors, or damaged)") from e
         if kept.dim() != 3 or kept.numel() == 0 or kept.dtype != torch.uint8 or bool((kept > 1).any()):
             raise LeankError(f"{path}: the mask tensor must be 3-D uint8 of 0/1 values")
         try:

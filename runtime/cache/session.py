@@ -234,7 +234,7 @@ def load_session(path: str | os.PathLike, model, policy: CachePolicy | None = No
     Raises `LeankError` (one line naming the file) for anything but such a file."""
     path = Path(path)
     if not path.is_file():
-        raise LeankError(f"{path}: no such session file")
+        raise LeankError(f"{path}: {'no such session file' if not path.exists() else 'not a regular file'}")
     dense = policy is None or policy.is_dense
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -244,7 +244,7 @@ def load_session(path: str | os.PathLike, model, policy: CachePolicy | None = No
             names = set(f.keys())
             if names != set(expected):
                 odd = sorted(names ^ set(expected))[:3]
-                raise ValueError(f"unexpected or missing tensors ({', '.join(x[:60] for x in odd)})")
+                raise ValueError(f"missing or extra tensors ({', '.join(x[:60] for x in odd)})")
             for name, (dtype, shape) in expected.items():
                 sl = f.get_slice(name)
                 if sl.get_dtype() != _ST_DTYPES[dtype] or tuple(sl.get_shape()) != shape:
@@ -258,8 +258,9 @@ def load_session(path: str | os.PathLike, model, policy: CachePolicy | None = No
         raise LeankError(f"{path}: {e}") from None
     except RecursionError:
         raise LeankError(f"{path}: damaged session header (JSON nested too deeply)") from None
-    except Exception as e:  # safetensors' own parse errors, JSON errors, our ValueErrors
-        raise LeankError(f"{path}: not a readable session file ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:  # safetensors' own parse errors, JSON errors, our ValueErrors (only ours are shown)
+        detail = str(e)[:200] if type(e) is ValueError else "not a leank session, or damaged"
+        raise LeankError(f"{path}: not a readable session file ({detail})") from None
     tokens = tensors.pop("tokens")
     if n and (int(tokens.min()) < 0 or int(tokens.max()) >= model.args.vocab_size):
         raise LeankError(f"{path}: token ids outside the vocabulary of {model.args.vocab_size}")

@@ -169,7 +169,7 @@ class GGUFFile:
                 size = os.fstat(fh.fileno()).st_size
                 if size < 4 or fh.read(4) != b"GGUF":
                     fh.seek(0)
-                    raise LeankError(f"{self.path}: not a GGUF file (it does not start with b'GGUF')")
+                    raise LeankError(f"{self.path}: not a GGUF file (its first four bytes are not \"GGUF\")")
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise LeankError(f"{self.path}: cannot read ({e.strerror})") from e

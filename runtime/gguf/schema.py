@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from leank.errors import LeankError
 from leank.runtime.cache.mask import Mask, Provenance
@@ -62,7 +63,8 @@ def k_fingerprint(f) -> str:
         part = name.split(".")[1]
         return int(part) if part.isascii() and part.isdigit() else -1  # "²".isdigit() is True, int("²") fails
 
-    names = sorted((n for n in f.tensors if n.startswith("blk.") and ".attn_k." in n), key=lambda n: (layer(n), n))
+    prefix, _, suffix = TENSOR_NAMES[MODEL_TENSOR.ATTN_K].partition("{bid}")  # "blk.", ".attn_k"
+    names = sorted((n for n in f.tensors if n.startswith(prefix) and suffix + "." in n), key=lambda n: (layer(n), n))
     if not names:
         raise LeankError(f"{f.path}: no attn_k tensors to fingerprint")
     for name in names:

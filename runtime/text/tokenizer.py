@@ -11,7 +11,7 @@ from leank.errors import LeankError
 
 def _llama_cpp():
     try:
-        import llama_cpp
+        import llama_cpp  # heavy (a native library), loaded when a tokenizer is first made
     except ImportError as e:  # pragma: no cover - a dependency
         raise LeankError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
     return llama_cpp

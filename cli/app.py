@@ -23,7 +23,7 @@ from typing_extensions import Annotated
 from leank.cli import chat, convert, evaluate, generate, info, mask, mask_train, perplexity, serve
 from leank.cli.options import DebugOpt, ThreadsOpt, default_threads
 from leank.cli.output import err
-from leank.errors import LeankError
+from leank.errors import LeankError, SpecError
 
 COMMANDS = [
     ("chat", chat.chat),
@@ -168,7 +168,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except LeankError as e:
         if debug:
             raise
-        return _fail(str(e), 1)
+        return _fail(str(e), 2 if isinstance(e, SpecError) else 1)
     except (KeyboardInterrupt, typer.Abort):
         if debug:
             raise

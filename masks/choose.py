@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from leank.errors import LeankError
+from leank.errors import LeankError, SpecError
 from leank.kernels.quant import PACKABLE_BITS
 from leank.masks.shipped import shipped_mask
 from leank.masks.spec import resolve_mask
@@ -145,21 +145,21 @@ def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tok
     for opt in opts:
         key, _, value = opt.partition("=")
         if key.strip() not in _OPTIONS or not value.strip().isdigit():
-            raise LeankError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N, block=N "
+            raise SpecError(f"policy {spec!r}: {opt!r} is not an option; use sink=N, recent=N, group=N, block=N "
                              "or rotate=0|1")
         if key.strip() == "rotate" and value.strip() not in ("0", "1"):
-            raise LeankError(f"policy {spec!r}: rotate is 0 or 1, got {value.strip()!r}")
+            raise SpecError(f"policy {spec!r}: rotate is 0 or 1, got {value.strip()!r}")
         settings[_OPTIONS[key.strip()]] = bool(int(value)) if key.strip() == "rotate" else int(value)
 
     def kivi_bits(part: str) -> tuple[int, int]:
         m = _KIVI.fullmatch(part)
         if m is None:
-            raise LeankError(f"policy {spec!r}: {part!r} is not kiviN or kiviK/V (e.g. kivi4, kivi4/2)")
+            raise SpecError(f"policy {spec!r}: {part!r} is not kiviN or kiviK/V (e.g. kivi4, kivi4/2)")
         k = int(m.group(1))
         v = int(m.group(2)) if m.group(2) else k
         if k not in PACKABLE_BITS or v not in PACKABLE_BITS:
             widths = ", ".join(map(str, PACKABLE_BITS[:-1])) + f" or {PACKABLE_BITS[-1]}"
-            raise LeankError(f"policy {spec!r}: KIVI bits must be {widths}")
+            raise SpecError(f"policy {spec!r}: KIVI bits must be {widths}")
         return k, v
 
     if base == "dense":
@@ -173,7 +173,7 @@ def parse_policy(spec: str, model, *, sink_tokens: int | None = None, recent_tok
             return build_policy(model, kv="leank", mask=base[len("leank:"):], **settings)
         k, v = kivi_bits(quant)
         return build_policy(model, kv="leank+kivi", mask=mask, k_bits=k, v_bits=v, **settings)
-    raise LeankError(f"policy {spec!r}: expected dense, kiviN, leank:MASK or leank:MASK+kiviN")
+    raise SpecError(f"policy {spec!r}: expected dense, kiviN, leank:MASK or leank:MASK+kiviN")
 
 
 def parse_policies(specs: Sequence[str], model, **shared) -> dict[str, CachePolicy]:
@@ -181,9 +181,9 @@ def parse_policies(specs: Sequence[str], model, **shared) -> dict[str, CachePoli
     out: dict[str, CachePolicy] = {}
     for spec in specs:
         if spec in out:
-            raise LeankError(f"policy {spec!r} is given twice")
+            raise SpecError(f"policy {spec!r} is given twice")
         try:
             out[spec] = parse_policy(spec, model, **shared)
-        except LeankError as e:
-            raise LeankError(str(e) if str(e).startswith("policy ") else f"policy {spec!r}: {e}") from None
+        except LeankError as e:  # a SPEC's own grammar stays a SpecError (a usage error)
+            raise type(e)(str(e) if str(e).startswith("policy ") else f"policy {spec!r}: {e}") from None
     return out

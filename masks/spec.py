@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leank.errors import LeankError
+from leank.errors import LeankError, SpecError
 from leank.masks.calib import DEFAULT_TOKENS, calibration_mask
 from leank.masks.freq import frequency_mask
 from leank.masks.importers import import_leank_pth, import_stage1_tsv
@@ -34,15 +34,15 @@ def _ratio(text: str, spec: str) -> float:
     try:
         r = float(text)
     except ValueError:
-        raise LeankError(f"mask spec {spec!r}: {text!r} is not a ratio like 0.7") from None
+        raise SpecError(f"mask spec {spec!r}: {text!r} is not a ratio like 0.7") from None
     if not 0.0 <= r <= 1.0:
-        raise LeankError(f"mask spec {spec!r}: the ratio must be within [0, 1]")
+        raise SpecError(f"mask spec {spec!r}: the ratio must be within [0, 1]")
     return r
 
 
 def _count(text: str, spec: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 1 << 24:
-        raise LeankError(f"mask spec {spec!r}: {text!r} is not a token count like 4096")
+        raise SpecError(f"mask spec {spec!r}: {text!r} is not a token count like 4096")
     return int(text)
 
 

@@ -95,6 +95,21 @@ def test_usage_errors_name_the_option_and_exit_2(leank_cli, args, message):
     assert r.stderr.strip().startswith(message), r.stderr
 
 
+@pytest.mark.parametrize("args, message, code", [
+    # a SPEC's own grammar is a usage error (2); a SPEC naming a file that is not there is a missing input (1)
+    (["eval", "-p", "kivi3", "-l", "64"], "error: policy 'kivi3': KIVI bits must be 2, 4 or 8", 2),
+    (["eval", "-p", "kivi2,foo=1", "-l", "64"], "error: policy 'kivi2,foo=1': 'foo=1' is not an option", 2),
+    (["eval", "-p", "bogus:spec", "-l", "64"], "error: policy 'bogus:spec': expected dense, kiviN", 2),
+    (["eval", "-p", "dense", "-p", "dense", "-l", "64"], "error: policy 'dense' is given twice", 2),
+    (["generate", "--mask", "freq:2.0", "-n", "1", "--prompt", "hi"], "error: mask spec 'freq:2.0': the ratio", 2),
+    (["generate", "--mask", "nothere.safetensors", "-n", "1", "--prompt", "hi"], "error: mask 'nothere.safetensors': no such file", 1),
+])
+def test_spec_errors(leank_cli, tiny_llama, args, message, code):
+    r = leank_cli(*args[:1], str(tiny_llama), *args[1:])
+    assert_one_line_error(r, code=code)
+    assert r.stderr.strip().startswith(message), r.stderr
+
+
 def test_usage_errors_from_the_installed_entry_point(leank_process):
     """The real process: exit status 2 and one line, whichever click package typer brings."""
     r = leank_process("generate", "-n", "0")

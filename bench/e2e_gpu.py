@@ -31,6 +31,7 @@ from leank.kernels.gguf_cuda import TYPES
 from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.dense import DenseCache
 from leank.runtime.cache.compressed import CompressedCache
+from leank.runtime.graph import GraphStep
 from leank.runtime.arch.args import read_model_args
 from leank.runtime.gguf.reader import GGUFFile
 from leank.runtime.model.transformer import load_transformer
@@ -66,12 +67,14 @@ def make_cache(kind: str, policy, args, batch: int, dtype, capacity: int):
     if kind == "dense":
         return DenseCache(args.n_layers, args.n_kv_heads, args.head_dim, batch, device="cuda", dtype=dtype,
                           capacity=capacity)
-    return CompressedCache(policy, args, batch, device="cuda", dtype=dtype)
+    return CompressedCache(policy, args, batch, device="cuda", dtype=dtype, capacity=capacity)
 
 
 @torch.inference_mode()
-def run(model, kind: str, policy, args, batch: int, context: int, steps: int, gen) -> dict:
-    """Fill, then decode `steps` tokens greedily; tokens/s over the timed steps and peak memory."""
+def run(model, kind: str, policy, args, batch: int, context: int, steps: int, gen, engine: str = "graph") -> dict:
+    """Fill, then decode `steps` tokens greedily (argmax on the device, the tokens read back every step as a
+    chat reads them); tokens/s over the timed steps and peak memory. `engine`: "graph" (one CUDA-graph
+    replay a step, `leank.runtime.graph`) or "eager" (op by op)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -83,20 +86,23 @@ def run(model, kind: str, policy, args, batch: int, context: int, steps: int, ge
     fill_s = time.time() - t0
     cache_bytes = torch.cuda.memory_allocated() - before
     tokens = torch.randint(0, args.vocab_size, (batch, 1), device="cuda", generator=gen)
+    step = GraphStep(model, cache) if engine == "graph" else None
     warm = 3
     for i in range(warm + steps):
         if i == warm:
             torch.cuda.synchronize()
             t0 = time.time()
-        logits = model(tokens, cache)
-        tokens = logits[:, -1].argmax(-1, keepdim=True)
+        logits = step(tokens) if step is not None else model(tokens, cache)[:, -1]
+        tokens = logits.argmax(-1, keepdim=True)
+        tokens.cpu()  # the one host sync a step
     torch.cuda.synchronize()
     dt = time.time() - t0
-    out = dict(kind=kind, batch=batch, context=context, steps=steps, fill_seconds=fill_s,
+    out = dict(kind=kind, engine=engine, batch=batch, context=context, steps=steps, fill_seconds=fill_s,
                tokens_per_second=batch * steps / dt, ms_per_step=1000 * dt / steps,
                cache_gib=gib(cache_bytes), peak_gib=gib(torch.cuda.max_memory_allocated()),
+               captures=step.captures if step is not None else 0,
                attention=getattr(getattr(cache, "ops", None), "name", "torch"))
-    del cache, logits, tokens
+    del cache, logits, tokens, step
     return out
 
 
@@ -108,6 +114,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768", help="comma-separated contexts for the batch-1 runs")
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-batch runs")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--engine", default="graph", choices=["graph", "eager", "both"],
+                    help="graph: one CUDA-graph replay a step; eager: op by op; both: batch 1 runs twice")
     ap.add_argument("--budget-gib", type=float, default=64.0, help="GPU memory budget for the largest batch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out", type=Path, default=Path("bench/out/e2e_gpu.json"))
@@ -142,15 +150,25 @@ def main() -> None:
     perm = hf_to_gguf_permutation(margs.arch, margs.head_dim)
     mask = Mask(kept_hf[..., perm])  # gguf channel j = HF channel perm[j]
     policy = CachePolicy(mask=mask, k_bits=2, v_bits=2, group_size=32)
+    gqa, D = margs.n_heads // margs.n_kv_heads, margs.head_dim
+    counts = mask.kept.sum(-1).flatten().tolist()
+    specs = [s for per_seq in (False, True) for s in
+             tilelang_ops.decode_specs(D, gqa, dtype, counts, 2, 2, 32, per_seq)
+             + tilelang_ops.decode_specs(D, gqa, dtype, [], 16, 16, 1, per_seq)]
+    specs += [tilelang_ops.quantize_specs(c, 2, 32, dtype, "quantize_k") for c in sorted(set(counts)) if c]
+    specs.append(tilelang_ops.quantize_specs(D, 2, 32, dtype, "quantize_v"))
+    tilelang_ops.precompile(specs)  # the attention kernels too, before any timing
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = []
     contexts = [int(c) for c in args_cli.contexts.split(",")]
     for kind in ("dense", "leank+kivi2"):
+        engines = ["graph", "eager"] if args_cli.engine == "both" else [args_cli.engine]
         for context in contexts:
-            one = run(model, kind, policy, margs, 1, context, args_cli.steps, gen)
-            one["role"] = "batch 1"
-            results.append(one)
-            console.print(one)
+            for engine in engines:
+                one = run(model, kind, policy, margs, 1, context, args_cli.steps, gen, engine)
+                one["role"] = "batch 1"
+                results.append(one)
+                console.print(one)
         if args_cli.no_largest:
             continue
         per_seq = one["cache_gib"]
@@ -158,7 +176,7 @@ def main() -> None:
         batch = int((args_cli.budget_gib - gib(weights) - overhead) // (per_seq * 1.02))
         while batch >= 1:
             try:
-                r = run(model, kind, policy, margs, batch, contexts[-1], max(4, args_cli.steps // 2), gen)
+                r = run(model, kind, policy, margs, batch, contexts[-1], max(4, args_cli.steps // 2), gen, engines[0])
             except torch.cuda.OutOfMemoryError:
                 r = None
             if r is not None and r["peak_gib"] <= args_cli.budget_gib:
@@ -170,10 +188,10 @@ def main() -> None:
             console.print(f"{kind}: batch {batch} does not fit ({why})")
             batch = int(batch * 0.95)
     table = Table(title=f"decode, Llama-3.1-8B shapes (random {args_cli.weights} weights, {args_cli.dtype}), {card}")
-    for col in ("cache", "role", "context", "batch", "tokens/s", "ms/step", "cache GiB", "peak GiB", "attention"):
+    for col in ("cache", "engine", "role", "context", "batch", "tokens/s", "ms/step", "cache GiB", "peak GiB", "attention"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r["kind"], r["role"], str(r["context"]), str(r["batch"]), f"{r['tokens_per_second']:.1f}",
+        table.add_row(r["kind"], r["engine"], r["role"], str(r["context"]), str(r["batch"]), f"{r['tokens_per_second']:.1f}",
                       f"{r['ms_per_step']:.1f}", f"{r['cache_gib']:.2f}", f"{r['peak_gib']:.2f}", r["attention"])
     console.print(table)
     args_cli.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from leank.runtime import graph
+
 
 @torch.inference_mode()
 def prefill(transformer, cache, ids: torch.Tensor) -> torch.Tensor:
@@ -33,7 +35,15 @@ def prefill(transformer, cache, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def step(transformer, cache, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per sequence, `tokens` (B,); the next-token logits (B, vocab), float32 on the CPU."""
+    """Feed one token per sequence, `tokens` (B,); the next-token logits (B, vocab), float32 on the CPU.
+
+    On CUDA the step is one CUDA-graph replay (`leank.runtime.graph`) where the cache supports it."""
+    captured = graph.graph_step(transformer, cache)
+    if captured is not None:
+        try:
+            return captured(tokens).cpu()
+        except graph.CaptureFailed:  # said on stderr; this cache decodes op by op from now on
+            pass
     return prefill(transformer, cache, tokens.view(-1, 1))
 
 

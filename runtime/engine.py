@@ -109,13 +109,14 @@ class Model:
 
     # --- caches -------------------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, policy=None, capacity: int = 0) -> KVCache:
-        """An empty KV cache for this model: dense, or compressed as `policy` (default: the model's) says."""
+        """An empty KV cache for this model: dense, or compressed as `policy` (default: the model's) says.
+        `capacity`: tokens per sequence to reserve room for up front (0: buffers grow as tokens come)."""
         policy = self.policy if policy is None else policy
         a = self.args
         if policy is None or policy.is_dense:
             return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,
                               capacity=capacity)
-        return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype)
+        return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype, capacity=capacity)
 
     # --- scoring ------------------------------------------------------------------------------------
     def _check_length(self, n: int) -> None:

@@ -73,9 +73,15 @@ class _Layer:
 
 
 class CompressedCache(KVCache):
-    def __init__(self, policy: CachePolicy, args, batch: int = 1, *, device="cpu", dtype=torch.float32):
+    """`capacity`: tokens per sequence to reserve the middle region's buffers for at their first
+    allocation (0: grow as tokens come). A CUDA-graph decode step (`leank.runtime.graph`) is captured
+    over the buffers; a buffer that grows later costs one new capture."""
+
+    def __init__(self, policy: CachePolicy, args, batch: int = 1, *, device="cpu", dtype=torch.float32,
+                 capacity: int = 0):
         policy.validate(args.n_layers, args.n_kv_heads, args.head_dim)
         self.policy, self.args, self.batch = policy, args, batch
+        self.capacity = capacity
         self.n_layers, self.n_kv_heads, self.head_dim = args.n_layers, args.n_kv_heads, args.head_dim
         self.device, self.dtype = torch.device(device), dtype
         self.kv_dtype = kv_dtype(self.device, dtype)  # the full region's and unquantized middle's storage
@@ -126,11 +132,91 @@ class CompressedCache(KVCache):
         st.full_len = n + T
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self._rotated(layer, q, self._attend)
+
+    def _rotated(self, layer: int, q: torch.Tensor, attend) -> torch.Tensor:
+        """attend(layer, q) with the queries turned as the layer's keys and the output turned back."""
         if self.rot_v is None:
-            return self._attend(layer, q)
+            return attend(layer, q)
         B, Hq, T, D = q.shape  # query head h reads KV head h // (Hq // Hkv): turn it as that head's keys
         qr = torch.matmul(q.reshape(B, self.n_kv_heads, -1, T, D), self.rot_k[layer].view(1, self.n_kv_heads, 1, D, D))
-        return torch.matmul(self._attend(layer, qr.reshape(B, Hq, T, D)), self.rot_v)  # H is symmetric: H^-1 = H
+        return torch.matmul(attend(layer, qr.reshape(B, Hq, T, D)), self.rot_v)  # H is symmetric: H^-1 = H
+
+    # --- one decode step with lengths in device memory (`leank.runtime.graph`) --------------------------
+    # The step runs as one CUDA-graph replay, so nothing in it may read a length on the host: the new
+    # token's K/V are written at a device index, the kernels read the lengths from device tensors and
+    # see the buffers' capacities. Moving blocks into the middle region happens between replays
+    # (`static_advance`), where the host lengths are true again.
+    def static_prepare(self) -> bool:
+        """Make the buffers a decode step writes hold the steady state, so that captures stay valid.
+        Returns whether a buffer changed."""
+        p = self.policy
+        steady = p.sink_tokens + p.recent_tokens + 2 * p.block_tokens
+        changed = False
+        for st in self.layers:
+            if st.full_k is None or st.full_k.shape[2] < steady:
+                n = st.full_len
+                st.full_k = grow(st.full_k, n, steady, self._alloc_full, 2)
+                st.full_v = grow(st.full_v, n, steady, self._alloc_full, 2)
+                changed = True
+        return changed
+
+    def static_signature(self) -> tuple:
+        """What a captured step depends on: every buffer's address and size, and whether the middle
+        region is empty (the step then attends the full region only)."""
+        sig = [self.layers[0].middle_len > 0]
+        for st in self.layers:
+            sig += [st.full_k.data_ptr(), st.full_k.shape[2]]
+            for g in st.groups:
+                for t in (g.k, g.k_scale, g.k_min, g.v, g.v_scale, g.v_min):
+                    sig.append(None if t is None else (t.data_ptr(), t.shape[2]))
+        return tuple(sig)
+
+    def static_lengths(self) -> tuple[int, int]:
+        """(full, middle) tokens every layer holds now (the host's truth between steps)."""
+        st = self.layers[0]
+        return st.full_len, st.middle_len
+
+    def static_append(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor) -> None:
+        """Write one token's k, v (B, Hkv, 1, D) at full-region index `at` ((B,) int64 on the device)."""
+        if self.rot_v is not None:
+            k = torch.matmul(k.to(self.dtype), self.rot_k[layer].unsqueeze(0))
+            v = torch.matmul(v.to(self.dtype), self.rot_v)
+        st = self.layers[layer]
+        rows = torch.arange(self.batch, device=self.device)
+        st.full_k[rows, :, at] = k[:, :, 0].to(st.full_k.dtype)
+        st.full_v[rows, :, at] = v[:, :, 0].to(st.full_v.dtype)
+
+    def static_attend(self, layer: int, q: torch.Tensor, full_lens: torch.Tensor, middle_lens: torch.Tensor,
+                      with_middle: bool) -> torch.Tensor:
+        """One query token (B, Hq, 1, D) over the capacity buffers, lengths from device tensors (B,) int32."""
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            st, p = self.layers[layer], self.policy
+            groups = st.groups if with_middle else []
+            cap = self._middle_capacity(groups)
+            return self.ops.compressed_attention(q, st.full_k, st.full_v, groups, cap, p.k_bits, p.v_bits,
+                                                 p.group_size, self.scale, full_lens, middle_lens)
+        return self._rotated(layer, q, attend)
+
+    def _middle_capacity(self, groups: list[MiddleGroup]) -> int:
+        """Tokens every buffer of `groups` has room for (K's scales: whole groups of tokens)."""
+        G = self.policy.group_size
+        cap = min((g.k.shape[2] for g in groups), default=0)
+        if self.policy.k_bits < 16:
+            cap = min([cap] + [g.k_scale.shape[2] * G for g in groups]) // G * G
+        return cap
+
+    def static_advance(self) -> bool:
+        """After a replay: every layer holds one more token; whole blocks move to the middle region.
+        Returns whether any did (buffers may have changed: the caller looks at `static_signature` again)."""
+        for st in self.layers:
+            st.full_len += 1
+        p, st = self.policy, self.layers[0]
+        if st.full_len - p.sink_tokens - p.recent_tokens < p.block_tokens:  # every layer holds the same lengths
+            return False
+        for layer in range(self.n_layers):
+            self._compact(layer)
+        return True
 
     def _attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         st = self.layers[layer]
@@ -194,6 +280,8 @@ class CompressedCache(KVCache):
             def alloc(cap):
                 return torch.empty(B, nh, cap, *shape_tail, device=dev, dtype=dtype)
             used, need = start // per_token, end // per_token
+            if old is None:  # the first allocation reserves `capacity` (less the sink, never in the middle)
+                need = max(need, (self.capacity - p.sink_tokens) // per_token)
             return grow(old, used, need, alloc, 2)
 
         if p.k_bits == 16:  # not quantized: kept as the full region keeps it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from leank.kernels import dispatch
 from leank.runtime.cache.base import CacheBytes, KVCache, causal_attention, grow, kv_dtype
 
 
@@ -43,6 +44,40 @@ class DenseCache(KVCache):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n = self.lengths[layer]
         return causal_attention(q, self.k[layer][:, :, :n], self.v[layer][:, :, :n])
+
+    # --- one decode step with lengths in device memory (`leank.runtime.graph`; see CompressedCache) -------
+    def static_prepare(self) -> bool:
+        """A buffer for every layer with room for the next token; whether one changed."""
+        changed = False
+        for layer in range(self.n_layers):
+            n, k = self.lengths[layer], self.k[layer]
+            if k is None or k.shape[2] < n + 1:
+                self.k[layer] = grow(k, n, max(n + 1, self.capacity_hint), self._alloc, 2)
+                self.v[layer] = grow(self.v[layer], n, max(n + 1, self.capacity_hint), self._alloc, 2)
+                changed = True
+        return changed
+
+    def static_signature(self) -> tuple:
+        return tuple((k.data_ptr(), k.shape[2], v.data_ptr()) for k, v in zip(self.k, self.v))
+
+    def static_lengths(self) -> tuple[int, int]:
+        return self.lengths[0], 0
+
+    def static_append(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor) -> None:
+        rows = torch.arange(self.batch, device=self.device)
+        self.k[layer][rows, :, at] = k[:, :, 0].to(self.kv_dtype)
+        self.v[layer][rows, :, at] = v[:, :, 0].to(self.kv_dtype)
+
+    def static_attend(self, layer: int, q: torch.Tensor, full_lens: torch.Tensor, middle_lens: torch.Tensor,
+                      with_middle: bool) -> torch.Tensor:
+        # the compressed cache's full-region kernel: a dense cache is a full region and nothing else
+        return dispatch.ops_for(self.device).compressed_attention(q, self.k[layer], self.v[layer], [], 0, 16, 16, 1,
+                                                                  None, full_lens, middle_lens)
+
+    def static_advance(self) -> bool:
+        """After a replay: one more token (the next step's `static_prepare` makes room when it is full)."""
+        self.lengths = [n + 1 for n in self.lengths]
+        return False
 
     def truncate(self, n: int) -> None:
         """Forget every token after the first `n` (buffers are kept and overwritten by later appends)."""

@@ -218,11 +218,13 @@ class CudaQuantLinear(Linear):
             y += self.bias
         return y.view(*lead, self._out)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the matrix in the compute dtype (an embedding lookup): (*ids.shape, in_features)."""
+    def rows(self, ids: torch.Tensor, checked: bool = True) -> torch.Tensor:
+        """Rows `ids` of the matrix in the compute dtype (an embedding lookup): (*ids.shape, in_features).
+        `checked`: ids out of range are an IndexError (read on the host: a sync; a CUDA-graph step, whose
+        ids come from its own sampling or were checked when copied in, passes False)."""
         (blocks, t, _), = self.groups
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= blocks.shape[0]):
+        if checked and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= blocks.shape[0]):
             raise IndexError(f"token id out of range [0, {blocks.shape[0]})")
         out = self._tl.dequantize(blocks, t, flat.to(device=blocks.device, dtype=torch.int32), self.dtype)
         return out.view(*ids.shape, self.k)

@@ -100,12 +100,21 @@ class Rope:
         cis = None if self._cis is None else self._cis[start:end, None, :]
         return RopeTables(self._cos[start:end, None, :], self._sin[start:end, None, :], cis, self.mode)
 
-    def tables_at(self, positions: list[int]) -> "RopeTables":
-        """The rotation for one token per row at its own position (B,), shaped to broadcast over (B, 1, H, D)."""
-        end = max(positions) + 1
-        if end > self._cos.shape[0]:
-            self._extend(max(end, 2 * self._cos.shape[0]))
-        idx = torch.tensor(positions, dtype=torch.long, device=self._cos.device)
+    def reserve(self, n: int) -> None:
+        """Tables for positions 0 .. n-1 from now on (a captured step indexes them on the device)."""
+        if n > self._cos.shape[0]:
+            self._extend(max(n, 2 * self._cos.shape[0]))
+
+    def tables_at(self, positions) -> "RopeTables":
+        """The rotation for one token per row at its own position (B,), shaped to broadcast over (B, 1, H, D).
+
+        `positions`: a list of ints, or a (B,) int64 tensor on the tables' device (read there, never on
+        the host: the caller has `reserve`d tables past every position)."""
+        if torch.is_tensor(positions):
+            idx = positions
+        else:
+            self.reserve(max(positions) + 1)
+            idx = torch.tensor(positions, dtype=torch.long, device=self._cos.device)
         cis = None if self._cis is None else self._cis[idx][:, None, None, :]
         return RopeTables(self._cos[idx][:, None, None, :], self._sin[idx][:, None, None, :], cis, self.mode)
 

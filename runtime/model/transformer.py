@@ -115,7 +115,9 @@ class Transformer(nn.Module):
         self.rope: Rope | None = None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.tok_embeddings, (QuantLinear, CudaQuantLinear)):
+        if isinstance(self.tok_embeddings, CudaQuantLinear):  # ids checked on the host, except inside a capture
+            return self.tok_embeddings.rows(tokens, checked=not torch.cuda.is_current_stream_capturing())
+        if isinstance(self.tok_embeddings, QuantLinear):
             return self.tok_embeddings.rows(tokens)
         return F.embedding(tokens, self.tok_embeddings).to(self.dtype)
 
@@ -126,7 +128,8 @@ class Transformer(nn.Module):
         "none" (hidden states after the final norm, (B, T, dim), for training and calibration).
         """
         B, T = tokens.shape
-        positions = getattr(cache, "positions", None)  # sequences at their own lengths, one token each (the server)
+        # sequences at their own lengths, one token each (the server; a captured step: a device tensor)
+        positions = getattr(cache, "positions", None)
         rope = self.rope.tables(cache.seq_len, T) if positions is None else self.rope.tables_at(positions)
         x = self.embed(tokens)
         for block in self.layers:

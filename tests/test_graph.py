@@ -1,0 +1,103 @@
+"""The device-length decode step (`leank.runtime.graph`) on the CPU: what a CUDA-graph replay computes,
+op by op, equals the ordinary step on a real (tiny) model, across blocks moving into the middle region,
+with the rows past each length poisoned. The capture itself is tested on CUDA (test_graph_gpu.py)."""
+import pytest
+import torch
+
+import leank
+from leank.runtime import decode, graph
+from leank.runtime.cache.compressed import CompressedCache
+from leank.runtime.cache.dense import DenseCache
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.policy import CachePolicy
+
+POLICIES = {
+    "dense": None,
+    "kivi2": dict(k_bits=2, v_bits=2, group_size=16),
+    "leank-kivi2": dict(k_bits=2, v_bits=2, group_size=16, mask=True),
+    "leank-k4v2-rotated": dict(k_bits=4, v_bits=2, group_size=16, mask=True, rotate=True),
+    "leank-fp16": dict(mask=True, group_size=16),
+}
+
+
+def policy_for(name, args):
+    spec = POLICIES[name]
+    if spec is None:
+        return None
+    spec = dict(spec)
+    if spec.pop("mask", False):
+        gen = torch.Generator().manual_seed(3)
+        kept = torch.zeros(args.n_layers, args.n_kv_heads, args.head_dim, dtype=torch.bool)
+        for layer in range(args.n_layers):
+            for h in range(args.n_kv_heads):
+                count = 16 * int(torch.randint(0, args.head_dim // 16 + 1, (1,), generator=gen))
+                kept[layer, h, torch.randperm(args.head_dim, generator=gen)[:count]] = True
+        kept[0, 0] = False  # a head that keeps nothing
+        kept[0, 1] = True
+        spec["mask"] = Mask(kept)
+    return CachePolicy(sink_tokens=8, recent_tokens=16, block_tokens=16, **spec)
+
+
+def poison_spare(cache) -> None:
+    """NaN in every full-region row past the cache's length: a step must never read them."""
+    if isinstance(cache, DenseCache):
+        for k, v, n in zip(cache.k, cache.v, cache.lengths):
+            k[:, :, n:] = float("nan")
+            v[:, :, n:] = float("nan")
+        return
+    for st in cache.layers:
+        st.full_k[:, :, st.full_len:] = float("nan")
+        st.full_v[:, :, st.full_len:] = float("nan")
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_static_step_equals_the_ordinary_step(make_tiny, name):
+    path = make_tiny(arch="llama", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    m = leank.load(path, device="cpu")
+    policy = policy_for(name, m.args)
+    ours, theirs = m.new_cache(policy=policy), m.new_cache(policy=policy)
+    if isinstance(ours, CompressedCache):
+        assert ours.policy.rotate == (name == "leank-k4v2-rotated")
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, m.args.vocab_size, (1, 21), generator=gen)
+    decode.prefill(m.transformer, ours, prompt)
+    decode.prefill(m.transformer, theirs, prompt)
+    worst = 0.0
+    for i in range(90):  # 21 + 90 tokens: several blocks of 16 move into the middle region
+        token = torch.randint(0, m.args.vocab_size, (1,), generator=gen)
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            ours.static_prepare()
+            poison_spare(ours)
+        a = graph.static_step(m.transformer, ours, token)
+        b = decode.prefill(m.transformer, theirs, token.view(1, 1))
+        assert torch.isfinite(a).all()
+        assert ours.seq_len == theirs.seq_len == 22 + i
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+    assert worst <= 1e-4
+    if isinstance(ours, CompressedCache):
+        assert ours.layers[0].middle_len >= 64 and ours.layers[0].middle_len == theirs.layers[0].middle_len
+        # layer 0's keys and values come from the embeddings alone: its middle region is the same bytes
+        # (later layers see attention outputs that differ in the last bits: C kernels vs the reference)
+        sa, sb = ours.layers[0], theirs.layers[0]
+        for ga, gb in zip(sa.groups, sb.groups):
+            M = sa.middle_len
+            assert torch.equal(ga.k[:, :, :M], gb.k[:, :, :M]) and torch.equal(ga.v[:, :, :M], gb.v[:, :, :M])
+
+
+def test_no_graph_on_the_cpu(make_tiny):
+    m = leank.load(make_tiny(), device="cpu")
+    assert graph.graph_step(m.transformer, m.new_cache()) is None
+
+
+def test_compressed_capacity_reserves_the_middle_region():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(n_layers=1, n_kv_heads=2, head_dim=32, n_heads=2)
+    policy = CachePolicy(k_bits=2, v_bits=2, group_size=16, sink_tokens=8, recent_tokens=16, block_tokens=16)
+    cache = CompressedCache(policy, args, capacity=1000)
+    k = torch.randn(1, 2, 60, 32)
+    with torch.inference_mode():
+        cache.append(0, k, k)
+        cache.attend(0, torch.randn(1, 2, 60, 32))
+    (g,) = cache.layers[0].groups
+    assert cache.layers[0].middle_len == 32 and g.k.shape[2] == 1000 - 8 and g.k_scale.shape[2] == (1000 - 8) // 16

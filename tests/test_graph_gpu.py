@@ -1,0 +1,149 @@
+"""A decode step as one CUDA-graph replay (`leank.runtime.graph`, issue 14 item 2): the same logits as
+the step op by op, for dense and compressed caches on quantized tiny models, across blocks moving into
+the middle region, with every kernel output poisoned; one capture for every length a reserved cache
+holds; a failed capture says so and the step runs op by op."""
+import pytest
+import torch
+
+import leank
+from leank.runtime import decode, graph
+from leank.runtime.cache.mask import Mask
+from leank.runtime.cache.policy import CachePolicy
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+POLICIES = {
+    "dense": None,
+    "leank-kivi2-g32": dict(k_bits=2, v_bits=2, group_size=32, mask=True),
+    "leank-k4v2-g64-rotated": dict(k_bits=4, v_bits=2, group_size=64, mask=True, rotate=True),
+    "kivi4": dict(k_bits=4, v_bits=4, group_size=32),
+}
+MODELS = {  # head_dim 64 (llama) and 128 (qwen2, biases), GQA 2
+    "llama-hd64": dict(arch="llama", n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, tensor_type="Q4_K"),
+    "qwen2-hd128": dict(arch="qwen2", n_layers=2, dim=512, n_heads=4, n_kv_heads=2, ffn_dim=512, tensor_type="Q8_0"),
+}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every TileLang kernel output starts as NaN (floats) or 0xA5 bytes, in the captured graph too."""
+    from leank.kernels import tilelang_ops
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if dtype in (torch.uint8, torch.int8):
+            return t.view(torch.uint8).fill_(0xA5).view(dtype)
+        return t.fill_(float("nan"))
+
+    monkeypatch.setattr(tilelang_ops, "_empty", empty)
+
+
+def policy_for(name, args):
+    spec = POLICIES[name]
+    if spec is None:
+        return CachePolicy()
+    spec = dict(spec)
+    if spec.pop("mask", False):
+        gen = torch.Generator().manual_seed(5)
+        kept = torch.zeros(args.n_layers, args.n_kv_heads, args.head_dim, dtype=torch.bool)
+        for layer in range(args.n_layers):
+            for h in range(args.n_kv_heads):
+                count = 16 * int(torch.randint(1, args.head_dim // 16 + 1, (1,), generator=gen))
+                kept[layer, h, torch.randperm(args.head_dim, generator=gen)[:count]] = True
+        kept[0, 0] = False
+        spec["mask"] = Mask(kept)
+    return CachePolicy(sink_tokens=16, recent_tokens=64, block_tokens=64, **spec)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_graph_step_equals_the_step_op_by_op(make_tiny, poisoned, model, name):
+    """Three caches fed the same tokens: a replayed graph, the same device-length step op by op
+    (`static_step`: the same kernels, so the same numbers), and the ordinary step (kernels cut at the
+    true lengths: the same argmax but for bfloat16 near-ties; the dense one rounds its scores to
+    bfloat16, the kernels keep them in float32)."""
+    m = leank.load(make_tiny(**MODELS[model]), device="cuda", dtype=torch.bfloat16)
+    policy = policy_for(name, m.args)
+    ours, twin, plain = (m.new_cache(policy=policy, capacity=1024) for _ in range(3))
+    gen = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, m.args.vocab_size, (1, 37), generator=gen)
+    for cache in (ours, twin, plain):
+        decode.prefill(m.transformer, cache, prompt)
+    step = graph.graph_step(m.transformer, ours)
+    assert step is not None
+    worst, agree, n = 0.0, 0, 300
+    for _ in range(n):  # 37 + 300 tokens: four blocks of 64 move into the middle region
+        token = torch.randint(0, m.args.vocab_size, (1,), generator=gen)
+        a = step(token).cpu()
+        b = graph.static_step(m.transformer, twin, token).cpu()
+        with torch.inference_mode():
+            c = m.transformer(token.view(1, 1).cuda(), plain)[:, -1].float().cpu()
+        assert torch.isfinite(a).all()
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+        agree += int(a.argmax() == c.argmax())
+    assert ours.seq_len == twin.seq_len == plain.seq_len == 37 + n
+    assert worst <= 1e-3 and agree >= 0.95 * n, (worst, agree)
+    # one capture for every length: the first step, and (compressed) the first tokens in the middle
+    assert step.captures == (1 if policy.is_dense else 2), step.captures
+
+
+def test_a_capture_follows_the_rope_tables_when_they_grow(make_tiny):
+    """Past the first 4096 positions the RoPE tables are rebuilt larger: the step is captured again
+    (a replay over the old tables read freed memory: an out-of-bounds assert on an H200)."""
+    m = leank.load(make_tiny(**{**MODELS["llama-hd64"], "context_length": 8192}), device="cuda", dtype=torch.bfloat16)
+    ours, twin = m.new_cache(capacity=4200), m.new_cache(capacity=4200)
+    prompt = torch.randint(0, m.args.vocab_size, (1, 4090), generator=torch.Generator().manual_seed(2))
+    for cache in (ours, twin):
+        decode.prefill(m.transformer, cache, prompt)
+    step = graph.graph_step(m.transformer, ours)
+    for i in range(12):  # positions 4090 .. 4101
+        token = torch.tensor([i + 1])
+        a, b = step(token).cpu(), graph.static_step(m.transformer, twin, token).cpu()
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-3, i
+    assert step.captures == 2
+
+
+def test_decode_loop_runs_on_the_graph(make_tiny):
+    m = leank.load(make_tiny(**MODELS["llama-hd64"]), device="cuda", dtype=torch.bfloat16)
+    cache = m.new_cache(policy=policy_for("leank-kivi2-g32", m.args))
+    ids = list(range(1, 30))
+    run = decode.Decode(m.transformer, cache, ids, lambda logits: int(logits.argmax()), max_tokens=200,
+                        context_length=4096)
+    ours = list(run)
+    assert graph.graph_step(m.transformer, cache).captures >= 1 and cache.layers[0].middle_len > 0
+    plain = m.new_cache(policy=policy_for("leank-kivi2-g32", m.args))
+    graph._STEPS[plain] = False  # this cache decodes op by op
+    theirs = list(decode.Decode(m.transformer, plain, ids, lambda logits: int(logits.argmax()), max_tokens=200,
+                                context_length=4096))
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    assert len(ours) == len(theirs) and same >= 20  # bfloat16 near-ties may part them later
+
+
+def test_a_failed_capture_says_so_and_decodes_op_by_op(make_tiny, monkeypatch, capfd):
+    from leank.runtime.cache.dense import DenseCache
+
+    m = leank.load(make_tiny(**MODELS["llama-hd64"]), device="cuda", dtype=torch.bfloat16)
+    cache, ref = m.new_cache(), m.new_cache()
+
+    def broken(self, *args):
+        raise RuntimeError("no kernel for this")
+
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    decode.prefill(m.transformer, cache, ids)
+    decode.prefill(m.transformer, ref, ids)
+    graph._STEPS[ref] = False  # op by op
+    monkeypatch.setattr(DenseCache, "static_attend", broken)
+    a = decode.step(m.transformer, cache, torch.tensor([9]))
+    b = decode.step(m.transformer, ref, torch.tensor([9]))
+    assert "CUDA graph capture failed (RuntimeError: no kernel for this); decoding op by op" in capfd.readouterr().err
+    assert torch.allclose(a, b) and cache.seq_len == ref.seq_len == 6
+    assert graph.graph_step(m.transformer, cache) is None
+
+
+def test_graphs_can_be_turned_off(make_tiny, monkeypatch):
+    monkeypatch.setenv("LEANK_CUDA_GRAPHS", "0")
+    m = leank.load(make_tiny(**MODELS["llama-hd64"]), device="cuda", dtype=torch.bfloat16)
+    assert graph.graph_step(m.transformer, m.new_cache()) is None

@@ -27,8 +27,10 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from leank.kernels import reference
+from leank.kernels import quant
+from leank.kernels.quant import packed_width
 
-SOURCES = ("cpu_decode.c", "cpu_matmul.c")
+SOURCES = ("cpu_decode.c", "cpu_quant.c", "cpu_matmul.c")
 HEADERS = ("cpu_common.h",)
 HERE = Path(__file__).resolve().parent
 
@@ -109,6 +111,25 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn.argtypes = [p, p, i, i, i, i, f,  # q, out, B, Hkv, R, D, scale
                    p, p, i, i64, i64, i64, i,  # full k, v, float16?, strides (sequence, head, token), F
                    i, i, i, i, p, i]  # M, G, k_bits, v_bits, heads table, threads
+    fn = lib.leank_attend_chunk
+    fn.restype = i
+    fn.argtypes = [p, p, i, i, i, i, i, f,  # q, out, B, Hkv, R, T, D, scale
+                   p, p, i, i64, i64, i64, i,  # full k, v, float16?, strides (sequence, head, token), F
+                   i, i, i, i, p, i]  # M, G, k_bits, v_bits, heads table, threads
+    fn = lib.leank_quantize_k
+    fn.restype = i
+    fn.argtypes = [p, i, i64, i64, i64, p, p, i64,  # src, float16?, strides (sequence, head, token), heads, channels, its row stride
+                   i, i, i, i, i, i,  # B, H, n, C, bits, G
+                   p, i64, i64, i64, p, p, i64, i64, i64]  # codes and strides, scale, min and strides
+    fn = lib.leank_quantize_v
+    fn.restype = i
+    fn.argtypes = [p, i, i64, i64, i64, p,  # src, float16?, strides, heads
+                   i, i, i, i, i, i,  # B, H, n, D, bits, G
+                   p, i64, i64, i64, p, p, i64, i64, i64]
+    fn = lib.leank_compact_layer
+    fn.restype = i
+    fn.argtypes = [p, p, i, i64, i64, i64, i, i, i,  # full k, v, float16?, strides, B, Hkv, D
+                   i, i, i, i, i, i, i, p]  # S, n, keep, M0, G, k_bits, v_bits, heads table
     fn = lib.leank_qmatmul
     fn.restype = i
     fn.argtypes = [i, p, i64, i, i, p, i, p, i64, p, i]  # type, w, row bytes, N, K, x, T, y, ldy, bias, threads
@@ -218,10 +239,11 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
                          k_bits: int, v_bits: int, group: int, scale: float | None = None,
                          full_lens: torch.Tensor | None = None, middle_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.compressed_attention`, one C call per layer for float32 decoding on CPU. Up to
-    MULTI_QUERY_TOKENS query tokens (a chat turn after a compressed past) take one C call each: token i of
-    T sees the whole middle region and the full region's first F - T + i + 1 tokens (the reference's
-    causal rule), which reads the compressed bytes T times but never expands them to float32. Anything
-    else (per-sequence lengths, other dtypes, longer chunks) goes to the reference."""
+    MULTI_QUERY_TOKENS query tokens (a chat turn after a compressed past) take one C call too
+    (`leank_attend_chunk`): token i of T sees the whole middle region and the full region's first
+    F - T + i + 1 tokens (the reference's causal rule), the codes expanded a tile at a time for a block
+    of tokens, never into float32 K/V. Anything else (per-sequence lengths, other dtypes, longer chunks)
+    goes to the reference."""
     lib = library()
     T = q.shape[2]
     one = q if T == 1 else q[:, :, :1]
@@ -229,21 +251,17 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
             or not _supported(one, full_k, full_v, groups, middle_len, k_bits, v_bits, group, full_lens, middle_lens)):
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
-    F = full_k.shape[2]
     out = torch.empty(q.shape, dtype=torch.float32)
-    row = out if T == 1 else torch.empty(one.shape, dtype=torch.float32)  # the kernel writes a contiguous row
-    for i in range(T):
-        end = F - T + i + 1
-        fk, fv = (full_k, full_v) if end == F else (full_k[:, :, :end], full_v[:, :, :end])
-        _attend(lib, q[:, :, i : i + 1], fk, fv, groups, middle_len, k_bits, v_bits, group, scale, row)
-        if T > 1:
-            out[:, :, i : i + 1] = row
+    if T == 1:
+        _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
+    else:
+        _attend_chunk(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
     return out
 
 
-# query tokens per call that compressed_attention runs through the C kernel one by one; a longer chunk
-# (a prompt pasted into a later turn) amortizes the reference's expansion of the middle region better
-MULTI_QUERY_TOKENS = 64
+# query tokens compressed_attention takes to the C kernel in one call: the runtime's QUERY_CHUNK
+# (`leank.runtime.cache.base`), so a prompt pasted into a later turn goes through C a chunk a call
+MULTI_QUERY_TOKENS = 1024
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
@@ -275,6 +293,149 @@ def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, s
                                 torch.get_num_threads() if threads is None else threads)
     if rc != 0:
         raise RuntimeError(f"leank_attend_layer rejected its arguments (B={B}, Hkv={Hkv}, R={R}, D={D}, G={group})")
+
+
+def _attend_chunk(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out, threads=None) -> None:
+    """Write the attention of the T query tokens q (B, Hq, T, D), the full region's last T tokens, into
+    `out` (same shape, float32, contiguous)."""
+    B, Hq, T, D = q.shape
+    Hkv, F = full_k.shape[1], full_k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qc = q.contiguous()  # (B, Hkv, R, T, D): query head h reads KV head h // R
+    if not (out.is_contiguous() and out.dtype == torch.float32 and out.shape == q.shape):
+        raise ValueError("out must be a contiguous float32 tensor shaped like q")
+    table = _heads_table(groups, B, Hkv, middle_len)
+    sb, sh, st, _ = full_k.stride()
+    rc = lib.leank_attend_chunk(qc.data_ptr(), out.data_ptr(), B, Hkv, Hq // Hkv, T, D, scale, full_k.data_ptr(),
+                                full_v.data_ptr(), int(full_k.dtype == torch.float16), sb, sh, st, F, middle_len, group,
+                                k_bits, v_bits, table, torch.get_num_threads() if threads is None else threads)
+    if rc != 0:
+        raise RuntimeError(f"leank_attend_chunk rejected its arguments (B={B}, Hkv={Hkv}, T={T}, D={D}, G={group})")
+
+
+# --- KIVI quantization (cpu_quant.c), bit for bit quant.py ------------------------------------------------
+def _quant_source(x: torch.Tensor):
+    if x.dtype not in (torch.float32, torch.float16) or x.dim() != 4 or x.stride(3) != 1:
+        raise ValueError("the C quantizer reads (B, H, T, D) float32 or float16 rows with unit channel stride")
+    return x.data_ptr(), int(x.dtype == torch.float16), *x.stride()[:3]
+
+
+def _check_out(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape or t.stride(3) != 1:
+        raise ValueError(f"quantizer output must be {dtype} {shape} with unit last stride, got {t.dtype} {tuple(t.shape)}")
+
+
+def quantize_k_into(src: torch.Tensor, bits: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
+                    mn: torch.Tensor, heads: torch.Tensor | None = None, channels: torch.Tensor | None = None) -> None:
+    """`quant.quantize_k` of src[:, heads][..., channels] (src (B, Hs, T, D); heads (H,) and channels (H, C)
+    int64, or None for all) written into codes (B, H, T, w), scale and mn (B, H, T/group, C): views of a
+    middle group's buffers, so moving tokens into the middle region copies nothing else."""
+    lib = library()
+    p, half, ssb, ssh, sst = _quant_source(src)
+    B, T = src.shape[0], src.shape[2]
+    H = src.shape[1] if heads is None else heads.numel()
+    C = src.shape[3] if channels is None else channels.shape[1]
+    _check_out(codes, torch.uint8, (B, H, T, packed_width(C, bits)))
+    for t in (scale, mn):
+        _check_out(t, torch.float16, (B, H, T // group, C))
+    if scale.stride() != mn.stride():
+        raise ValueError("scale and mn must share strides")
+    for t in (heads, channels):
+        if t is not None and (t.dtype != torch.int64 or not t.is_contiguous()):
+            raise ValueError("heads and channels must be contiguous int64")
+    rc = lib.leank_quantize_k(p, half, ssb, ssh, sst, 0 if heads is None else heads.data_ptr(),
+                              0 if channels is None else channels.data_ptr(), C, B, H, T, C, bits, group,
+                              codes.data_ptr(), *codes.stride()[:3], scale.data_ptr(), mn.data_ptr(), *scale.stride()[:3])
+    if rc != 0:
+        raise RuntimeError(f"leank_quantize_k rejected its arguments (T={T}, C={C}, bits={bits}, group={group})")
+
+
+def quantize_v_into(src: torch.Tensor, bits: int, group: int, codes: torch.Tensor, scale: torch.Tensor,
+                    mn: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+    """`quant.quantize_v` of src[:, heads] (src (B, Hs, T, D)) written into codes (B, H, T, w), scale and mn
+    (B, H, T, D/group)."""
+    lib = library()
+    p, half, ssb, ssh, sst = _quant_source(src)
+    B, T, D = src.shape[0], src.shape[2], src.shape[3]
+    H = src.shape[1] if heads is None else heads.numel()
+    _check_out(codes, torch.uint8, (B, H, T, packed_width(D, bits)))
+    for t in (scale, mn):
+        _check_out(t, torch.float16, (B, H, T, D // group))
+    if scale.stride() != mn.stride():
+        raise ValueError("scale and mn must share strides")
+    if heads is not None and (heads.dtype != torch.int64 or not heads.is_contiguous()):
+        raise ValueError("heads must be contiguous int64")
+    rc = lib.leank_quantize_v(p, half, ssb, ssh, sst, 0 if heads is None else heads.data_ptr(), B, H, T, D, bits, group,
+                              codes.data_ptr(), *codes.stride()[:3], scale.data_ptr(), mn.data_ptr(), *scale.stride()[:3])
+    if rc != 0:
+        raise RuntimeError(f"leank_quantize_v rejected its arguments (T={T}, D={D}, bits={bits}, group={group})")
+
+
+def compact_layer(full_k: torch.Tensor, full_v: torch.Tensor, sink: int, n: int, keep: int, groups, middle_len: int,
+                  k_bits: int, v_bits: int, group: int) -> bool:
+    """One layer's move into the middle region in one C call (`CompressedCache._compact`): the full region's
+    tokens [sink, sink + n) of every head into middle tokens [middle_len, middle_len + n) of its group (buffers
+    already grown, contiguous as the cache makes them), then tokens [sink + n, sink + n + keep) down to `sink`.
+    full_k, full_v: the layer's whole buffers (B, Hkv, cap, D). False, and nothing done, where the C kernel
+    does not take it (the caller then uses torch)."""
+    if (full_k.dtype not in (torch.float32, torch.float16) or full_v.dtype != full_k.dtype or full_k.stride() != full_v.stride()
+            or full_k.stride(3) != 1 or full_k.shape[3] > 1024 or (lib := library()) is None):
+        return False
+    for g in groups:
+        for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min):
+            if t is not None and not t.is_contiguous():
+                return False
+        if (k_bits == 16 and g.k.dtype != full_k.dtype) or (v_bits == 16 and g.v.dtype != full_k.dtype):
+            return False
+        if not g.channels.is_contiguous() or g.channels.dtype != torch.int64:
+            return False
+    B, Hkv, _, D = full_k.shape
+    table = _heads_table(groups, B, Hkv, middle_len + n)
+    sb, sh, st, _ = full_k.stride()
+    rc = lib.leank_compact_layer(full_k.data_ptr(), full_v.data_ptr(), int(full_k.dtype == torch.float16), sb, sh, st,
+                                 B, Hkv, D, sink, n, keep, middle_len, group, k_bits, v_bits, table)
+    if rc != 0:
+        raise RuntimeError(f"leank_compact_layer rejected its arguments (n={n}, middle={middle_len}, G={group})")
+    return True
+
+
+def _as_planes(x: torch.Tensor) -> torch.Tensor:
+    """(..., T, C) -> (B, H, T, C), B and H the leading dimensions flattened (1 where there are none)."""
+    if x.dim() >= 4:
+        return x.reshape(-1, 1, *x.shape[-2:]) if x.dim() > 4 else x
+    return x.reshape(*([1] * (4 - x.dim())), *x.shape)
+
+
+def quantize_k(k: torch.Tensor, bits: int, group: int):
+    """`quant.quantize_k` in C, bit for bit: K (..., T, C) float32 or float16 on CPU -> (codes, scale, min);
+    anything else goes to quant.py."""
+    *lead, T, C = k.shape
+    if (k.device.type != "cpu" or k.dtype not in (torch.float32, torch.float16) or bits not in (2, 4, 8) or T % group
+            or not 0 < C <= 1024 or library() is None):
+        return quant.quantize_k(k, bits, group)
+    x = _as_planes(k.contiguous())
+    B, H = x.shape[:2]
+    codes = torch.empty(B, H, T, packed_width(C, bits), dtype=torch.uint8)
+    scale = torch.empty(B, H, T // group, C, dtype=torch.float16)
+    mn = torch.empty_like(scale)
+    quantize_k_into(x, bits, group, codes, scale, mn)
+    return codes.view(*lead, T, -1), scale.view(*lead, T // group, C), mn.view(*lead, T // group, C)
+
+
+def quantize_v(v: torch.Tensor, bits: int, group: int):
+    """`quant.quantize_v` in C, bit for bit: V (..., T, D) float32 or float16 on CPU -> (codes, scale, min);
+    anything else goes to quant.py."""
+    *lead, T, D = v.shape
+    if (v.device.type != "cpu" or v.dtype not in (torch.float32, torch.float16) or bits not in (2, 4, 8) or D % group
+            or not 0 < D <= 1024 or library() is None):
+        return quant.quantize_v(v, bits, group)
+    x = _as_planes(v.contiguous())
+    B, H = x.shape[:2]
+    codes = torch.empty(B, H, T, packed_width(D, bits), dtype=torch.uint8)
+    scale = torch.empty(B, H, T, D // group, dtype=torch.float16)
+    mn = torch.empty_like(scale)
+    quantize_v_into(x, bits, group, codes, scale, mn)
+    return codes.view(*lead, T, -1), scale.view(*lead, T, D // group), mn.view(*lead, T, D // group)
 
 
 # --- matrices in GGUF's quantized blocks -------------------------------------------------------------

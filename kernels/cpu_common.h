@@ -1,4 +1,5 @@
-/* What cpu_decode.c and cpu_matmul.c share: float16 -> float32 and float32 dot products. */
+/* What cpu_decode.c, cpu_quant.c and cpu_matmul.c share: float16 -> float32, float32 dot products, and the
+   per (sequence, KV head) table of a layer's middle-region buffers (kernels/cpu.py's _heads_table). */
 #ifndef LEANK_CPU_COMMON_H
 #define LEANK_CPU_COMMON_H
 
@@ -70,5 +71,11 @@ static inline float leank_dot(const float *restrict a, const float *restrict b, 
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
+
+/* Fields of one (sequence, KV head) entry of the `heads` table that leank_attend_layer,
+   leank_attend_chunk and leank_compact_layer read: the head's middle K (codes or values, at token 0) and
+   its token stride in elements, K scale and min, kept channel indices and their count (0: no middle),
+   middle V and its stride, V scale and min. */
+enum { H_MK, H_MK_STRIDE, H_KS, H_KM, H_CH, H_C, H_MV, H_MV_STRIDE, H_VS, H_VM, H_FIELDS };
 
 #endif

@@ -187,6 +187,7 @@ typedef struct {
     int64_t mv_stride;
     int v_bits;
     const uint16_t *vs, *vm;
+    const int *lim; /* per query row: it sees full-region tokens t < lim[r] (causal); NULL: every one */
 } Head;
 
 /* rows [t, t + n) of a region whose rows are ld elements apart, d values each, as float32: the rows
@@ -205,14 +206,19 @@ static inline const float *float_rows(const void *base, int half, int64_t t, int
 
 /* Softmax pieces over tokens [t0, t1) of the sequence full ++ middle (middle bounds multiples of G):
    per query row the maximum score m, the sum l of exp(score - m) and o = sum exp(score - m) v.
-   work: R*(t1-t0) + 2*R*c8 + R*(D/G)*TB + TB*(D+8) floats. A row that attends nothing gets m = -inf, l = 0 (NaN scores: NaN). */
+   work: work_floats(R, t1 - t0, D, G) floats. A row that attends nothing gets m = -inf, l = 0 (NaN scores: NaN). */
+static size_t work_floats(int R, int n, int D, int G) {
+    size_t c8 = (size_t)((D + 7) & ~7);
+    return (size_t)R * n + 2 * (size_t)R * c8 + (size_t)R * (D / G) * TB + (size_t)TB * (D + 8) + (size_t)R * (1 + D / G);
+}
+
 static void partial(const Head *h, int t0, int t1, float *restrict m_out, float *restrict l_out,
                     float *restrict o, float *restrict work) {
     const int R = h->R, D = h->D, G = h->G, F = h->F, n = t1 - t0;
     const int c = h->c, c8 = (c + 7) & ~7, NG = D / G;
     float *scores = work, *qc = work + (size_t)R * n, *qs = qc + (size_t)R * c8;
-    float bias[64], mterm[64 * 64];
     float *wv = qs + (size_t)R * c8, *tile = wv + (size_t)R * NG * TB; /* R*NG*TB weights, TB*D codes */
+    float *bias = tile + (size_t)TB * (D + 8), *mterm = bias + R; /* R, R*NG */
     /* scores: full region, eight keys at a time where AVX2 is there */
     int t = t0;
     const int fend = t1 < F ? t1 : F;
@@ -231,6 +237,9 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
         const float *k = float_rows(h->fk, h->half, t, h->f_stride, 1, D, tile, &ld);
         for (int r = 0; r < R; r++) scores[r * n + t - t0] = leank_dot(h->q + r * D, k, D) * h->scale;
     }
+    if (h->lim) /* causal rows: the full region's tokens past a row's own position score -inf */
+        for (int r = 0; r < R; r++)
+            for (int u = h->lim[r] > t0 ? h->lim[r] : t0; u < fend; u++) scores[r * n + u - t0] = -INFINITY;
     /* scores: middle region, tokens [m0, m1) */
     int m0 = (t0 > F ? t0 : F) - F, m1 = t1 - F;
     if (m1 > m0) {
@@ -301,6 +310,8 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
             continue;
         }
         for (int t = 0; t < n; t++) s[t] = exp_nonpos(s[t] - mx);
+        if (h->lim) /* exp_nonpos clamps at exp(-87): a masked token must weigh exactly nothing */
+            for (int u = h->lim[r] > t0 ? h->lim[r] : t0; u < fend; u++) s[u - t0] = 0.0f;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0.0f;
         for (int t = 0; t < n8; t += 8)
             for (int k = 0; k < 8; k++) acc[k] += s[t + k];
@@ -349,9 +360,6 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
     }
 }
 
-/* Per (sequence, KV head) entries of the `heads` table passed to leank_attend_layer. */
-enum { H_MK, H_MK_STRIDE, H_KS, H_KM, H_CH, H_C, H_MV, H_MV_STRIDE, H_VS, H_VM, H_FIELDS };
-
 #define MAX_ITEMS 4096
 
 /* Decode attention of one layer: every sequence b < B and KV head h < Hkv, R query rows each.
@@ -386,8 +394,7 @@ int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D,
     size_t stride = 0; /* floats per item: m, l (R each), o (R*D), then the work area */
     {
         int longest = S / per + G + 2;
-        stride = (size_t)R * (D + 2) + (size_t)R * longest + 2 * (size_t)R * ((D + 7) & ~7) + (size_t)R * (D / G) * TB +
-                 (size_t)TB * (D + 8);
+        stride = (size_t)R * (D + 2) + work_floats(R, longest, D, G);
     }
     float *mem = (float *)malloc(sizeof(float) * stride * (size_t)BH * per);
     if (!mem) return -1;
@@ -411,7 +418,7 @@ int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D,
                   hasmid ? M : 0, G, (const void *)(intptr_t)e[H_MK], e[H_MK_STRIDE], k_bits,
                   (const uint16_t *)(intptr_t)e[H_KS], (const uint16_t *)(intptr_t)e[H_KM],
                   (const int64_t *)(intptr_t)e[H_CH], c, (const void *)(intptr_t)e[H_MV], e[H_MV_STRIDE], v_bits,
-                  (const uint16_t *)(intptr_t)e[H_VS], (const uint16_t *)(intptr_t)e[H_VM]};
+                  (const uint16_t *)(intptr_t)e[H_VS], (const uint16_t *)(intptr_t)e[H_VM], NULL};
         int t0 = bounds[chunk], t1 = bounds[chunk + 1];
         if (!hasmid) { /* full region only: clip the chunk to it */
             t0 = t0 < F ? t0 : F;
@@ -449,4 +456,77 @@ int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D,
     }
     free(mem);
     return 0;
+}
+
+/* Attention of T query tokens of one layer over its compressed cache, in one call (a chat turn's new
+   tokens after a compressed past; before this, one leank_attend_layer call a token: 780 calls for 26
+   tokens on SmolLM2's 30 layers). q, out: (B, Hkv, R, T, D) float32 contiguous; the full region and
+   `heads` as for leank_attend_layer. Query token i is the full region's token F - T + i: it sees full
+   tokens t <= F - T + i and every middle token. Work items are (sequence and KV head, block of query
+   tokens): the codes of a block's middle region are expanded once for all its R * block rows, and
+   blocks are small enough (<= 256 rows) that the score rows stay bounded. Returns 0, or -1 for
+   arguments it does not handle. */
+int leank_attend_chunk(const float *q, float *out, int B, int Hkv, int R, int T, int D, float scale,
+                       const void *fk, const void *fv, int half, int64_t sb, int64_t sh, int64_t st, int F,
+                       int M, int G, int k_bits, int v_bits, const int64_t *heads, int threads) {
+    if (!lut_ready) init_luts();
+    if (B <= 0 || Hkv <= 0 || R <= 0 || R > 256 || T <= 0 || T > F || D <= 0 || D > MAX_D || D % 8 || M < 0 ||
+        G <= 0 || G % 8 || M % G || D % G || D / G > 64)
+        return -1;
+    if (M > 0 && !((k_bits == 2 || k_bits == 4 || k_bits == 8 || k_bits == 16) &&
+                   (v_bits == 2 || v_bits == 4 || v_bits == 8 || v_bits == 16)))
+        return -1;
+    const int BH = B * Hkv;
+    for (int i = 0; i < BH; i++) {
+        int64_t c = heads[(int64_t)i * H_FIELDS + H_C];
+        if (c < 0 || c > D) return -1;
+    }
+    int nt = threads < 1 ? 1 : threads;
+    /* blocks per head: at least two items a thread where the tokens allow, at most 256 rows a block */
+    int nb = 1;
+    while (nb < T && (BH * nb < 2 * nt || (int64_t)R * ((T + nb - 1) / nb) > 256)) nb++;
+    const int qb = (T + nb - 1) / nb;
+    nb = (T + qb - 1) / qb;
+    const int S = F + M;
+    int failed = 0;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int item = 0; item < BH * nb; item++) {
+        int bh = item / nb, i0 = (item % nb) * qb, i1 = i0 + qb < T ? i0 + qb : T, n = i1 - i0, rows = R * n;
+        int b = bh / Hkv, hh = bh % Hkv;
+        const int64_t *e = heads + (int64_t)bh * H_FIELDS;
+        int c = (int)e[H_C];
+        int hasmid = c > 0 && M > 0;
+        const int64_t off = b * sb + hh * sh, esz = half ? 2 : 4;
+        const int t1 = hasmid ? S : F;
+        float *mem = (float *)malloc(sizeof(float) * ((size_t)rows * (2 * D + 2) + work_floats(rows, t1, D, G)) +
+                                     sizeof(int) * (size_t)rows);
+        if (!mem) {
+            #pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        /* the block's rows, row r * n + j for head row r and token i0 + j */
+        float *qrows = mem, *m = qrows + (size_t)rows * D, *l = m + rows, *o = l + rows, *work = o + (size_t)rows * D;
+        int *lim = (int *)(work + work_floats(rows, t1, D, G));
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < n; j++) {
+                memcpy(qrows + ((size_t)r * n + j) * D, q + (((int64_t)bh * R + r) * T + i0 + j) * D, sizeof(float) * D);
+                lim[r * n + j] = F - T + i0 + j + 1;
+            }
+        Head h = {qrows, rows, D, scale, half, (const char *)fk + off * esz, (const char *)fv + off * esz, st, F,
+                  hasmid ? M : 0, G, (const void *)(intptr_t)e[H_MK], e[H_MK_STRIDE], k_bits,
+                  (const uint16_t *)(intptr_t)e[H_KS], (const uint16_t *)(intptr_t)e[H_KM],
+                  (const int64_t *)(intptr_t)e[H_CH], c, (const void *)(intptr_t)e[H_MV], e[H_MV_STRIDE], v_bits,
+                  (const uint16_t *)(intptr_t)e[H_VS], (const uint16_t *)(intptr_t)e[H_VM], lim};
+        partial(&h, 0, t1, m, l, o, work);
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < n; j++) {
+                const float *x = o + ((size_t)r * n + j) * D;
+                float inv = 1.0f / l[r * n + j]; /* every row sees at least its own token; NaN stays NaN */
+                float *y = out + (((int64_t)bh * R + r) * T + i0 + j) * D;
+                for (int d = 0; d < D; d++) y[d] = x[d] * inv;
+            }
+        free(mem);
+    }
+    return failed ? -1 : 0;
 }

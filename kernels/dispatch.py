@@ -34,8 +34,11 @@ def ops_for(device: torch.device):
     device = torch.device(device)
     if device.type == "cpu":
         if "cpu" not in _cache:
+            # compact_layer: the C ops only; the cache moves a layer's tokens into the middle with it
             _cache["cpu"] = _REFERENCE if cpu.library() is None else SimpleNamespace(
-                **{**vars(_REFERENCE), "name": "C", "compressed_attention": cpu.compressed_attention})
+                **{**vars(_REFERENCE), "name": "C", "compressed_attention": cpu.compressed_attention,
+                   "quantize_k": cpu.quantize_k, "quantize_v": cpu.quantize_v,
+                   "compact_layer": cpu.compact_layer})
         return _cache["cpu"]
     if device.type != "cuda" or not tilelang_available():
         return _REFERENCE

@@ -95,7 +95,7 @@ def test_head_table_follows_buffers_that_moved():
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_several_query_tokens_after_a_compressed_past_match_the_reference(T, kv_dtype):
     """A chat turn's new tokens (the last T of the full region) over the middle region, causal within the
-    full region: one C call per token, equal to the reference's multi-token path."""
+    full region: one C call (`leank_attend_chunk`), equal to the reference's multi-token path."""
     q, fk, fv, groups = make_layer(2, 2, 3, 64, 80, 96, 32, 2, 4, [8, 40], seed=T, kv_dtype=kv_dtype)
     qt = torch.randn(2, 6, T, 64, generator=torch.Generator().manual_seed(T))
     got = cpu.compressed_attention(qt, fk, fv, groups, 96, 2, 4, 32, 0.12)

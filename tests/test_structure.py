@@ -7,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-from leank.kernels.quant import BITS
+from leank.kernels.quant import BITS, PACKABLE_BITS
 
 ROOT = Path(__file__).resolve().parent.parent
 # bottom to top: a package may import its own layer and the ones below, never one above
@@ -105,3 +105,9 @@ def test_the_c_kernels_accept_exactly_the_python_bit_widths():
     for side in ("k_bits", "v_bits"):
         accepted = {int(b) for b in re.findall(rf"\b{side} == (\d+)", source.split("int leank_attend_layer(")[-1])}
         assert accepted == set(BITS), f"cpu_decode.c accepts {side} in {sorted(accepted)}, Python in {BITS}"
+    quant_c = (ROOT / "kernels" / "cpu_quant.c").read_text()
+    packable = {int(b) for b in re.findall(r"\bbits == (\d+)", quant_c.split("static int check(")[1].split("}")[0])}
+    assert packable == set(PACKABLE_BITS), f"cpu_quant.c quantizes {sorted(packable)}, Python {PACKABLE_BITS}"
+    for side in ("k_bits", "v_bits"):
+        accepted = {int(b) for b in re.findall(rf"\b{side} == (\d+)", quant_c.split("int leank_compact_layer(")[1].split("const int esz")[0])}
+        assert accepted == set(BITS), f"cpu_quant.c moves {side} in {sorted(accepted)}, Python in {BITS}"

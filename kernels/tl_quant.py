@@ -57,8 +57,13 @@ def _packed_byte(x_s, m_s, s_s, t, j, per: int, bits: int, n: int, levels: int, 
 
 
 def quantize_k(n_channels: int, bits: int, group: int, in_dtype: str, threads: int = 128):
-    """x (L, T, C), T a multiple of `group` -> packed (L, T, W) uint8, scale and min (L, T/group, C) f16."""
+    """x (L, T, C), T a multiple of `group` -> packed (L, T, W) uint8, scale and min (L, T/group, C) f16.
+
+    The per-channel stages run over CP = C rounded up to whole warps (lanes past C repeat channel C - 1
+    and store nothing): with C = 48, say, threads 0-47 alone would meet the barriers between the stages,
+    which no warp-uniform barrier allows (TileLang refuses: 'not warp-uniform, Condition: tx < 48')."""
     C, G = n_channels, group
+    CP = -(-C // 32) * 32
     per = 8 // bits
     W = (C + per - 1) // per
     levels = (1 << bits) - 1
@@ -73,28 +78,29 @@ def quantize_k(n_channels: int, bits: int, group: int, in_dtype: str, threads: i
     ):
         with T.Kernel(NG, L, threads=threads) as (g, l):
             x_s = T.alloc_shared((G, C), F32)
-            lo_s = T.alloc_shared((C,), F32)
-            hi_s = T.alloc_shared((C,), F32)
-            s_s = T.alloc_shared((C,), F32)
-            m_s = T.alloc_shared((C,), F32)
+            lo_s = T.alloc_shared((CP,), F32)
+            hi_s = T.alloc_shared((CP,), F32)
+            s_s = T.alloc_shared((CP,), F32)
+            m_s = T.alloc_shared((CP,), F32)
             for t, c in T.Parallel(G, C):
                 x_s[t, c] = T.cast(x[l, g * G + t, c], F32)
-            for c in T.Parallel(C):
-                lo_s[c] = x_s[0, c]
-                hi_s[c] = x_s[0, c]
+            for c in T.Parallel(CP):
+                lo_s[c] = x_s[0, T.min(c, C - 1)]
+                hi_s[c] = x_s[0, T.min(c, C - 1)]
                 for t in T.serial(1, G):
-                    lo_s[c] = T.min(lo_s[c], x_s[t, c])
-                    hi_s[c] = T.max(hi_s[c], x_s[t, c])
+                    lo_s[c] = T.min(lo_s[c], x_s[t, T.min(c, C - 1)])
+                    hi_s[c] = T.max(hi_s[c], x_s[t, T.min(c, C - 1)])
             # in stages through shared memory, so that no expression is traced twice
-            for c in T.Parallel(C):
+            for c in T.Parallel(CP):
                 m_s[c] = _min16(lo_s[c])
-            for c in T.Parallel(C):
+            for c in T.Parallel(CP):
                 hi_s[c] = T.max(hi_s[c] - m_s[c], T.cast(0, F32))  # the span
-            for c in T.Parallel(C):
+            for c in T.Parallel(CP):
                 s_s[c] = _scale16(hi_s[c], levels)
-            for c in T.Parallel(C):
-                scale[l, g, c] = T.cast(s_s[c], "float16")
-                mn[l, g, c] = T.cast(m_s[c], "float16")
+            for c in T.Parallel(CP):
+                if c < C:
+                    scale[l, g, c] = T.cast(s_s[c], "float16")
+                    mn[l, g, c] = T.cast(m_s[c], "float16")
             for t, j in T.Parallel(G, W):
                 packed[l, g * G + t, j] = _packed_byte(x_s, m_s, s_s, t, j, per, bits, C, levels)
 

@@ -282,8 +282,8 @@ class CompressedCache(KVCache):
         return compact(st.full_k, st.full_v, S, n, keep, st.groups, st.middle_len, p.k_bits, p.v_bits, p.group_size)
 
     def _reserve(self, g: MiddleGroup, start: int, n: int, B: int, nh: int, c: int) -> None:
-        """Grow the group's buffers (geometrically) to hold tokens [0, start + n), keeping the first `start`:
-        the buffers `_store` makes, the same shapes and growth."""
+        """Grow the group's buffers (geometrically; the first time to `capacity`) to hold tokens [0, start + n),
+        keeping the first `start`."""
         p = self.policy
         G, D, end, dev = p.group_size, self.head_dim, start + n, self.device
 
@@ -291,6 +291,8 @@ class CompressedCache(KVCache):
             def alloc(cap):
                 return torch.empty(B, nh, cap, *shape_tail, device=dev, dtype=dtype)
             used, need = start // per_token, end // per_token
+            if old is None:  # the first allocation reserves `capacity` (less the sink, never in the middle)
+                need = max(need, (self.capacity - p.sink_tokens) // per_token)
             return grow(old, used, need, alloc, 2)
 
         if p.k_bits == 16:  # not quantized: kept as the full region keeps it
@@ -311,37 +313,19 @@ class CompressedCache(KVCache):
         p = self.policy
         G = p.group_size
         B, nh, _, c = k.shape
-        D = self.head_dim
         end = start + n
-        dev = self.device
-
-        def buf(old, shape_tail, dtype, per_token=1):
-            def alloc(cap):
-                return torch.empty(B, nh, cap, *shape_tail, device=dev, dtype=dtype)
-            used, need = start // per_token, end // per_token
-            if old is None:  # the first allocation reserves `capacity` (less the sink, never in the middle)
-                need = max(need, (self.capacity - p.sink_tokens) // per_token)
-            return grow(old, used, need, alloc, 2)
-
+        self._reserve(g, start, n, B, nh, c)
         if p.k_bits == 16:  # not quantized: kept as the full region keeps it
-            g.k = buf(g.k, (c,), self.kv_dtype)
             g.k[:, :, start:end] = k
         else:
             codes, scale, mn = self.ops.quantize_k(k.to(self.dtype), p.k_bits, G)
-            g.k = buf(g.k, (packed_width(c, p.k_bits),), torch.uint8)
-            g.k_scale = buf(g.k_scale, (c,), torch.float16, G)
-            g.k_min = buf(g.k_min, (c,), torch.float16, G)
             g.k[:, :, start:end] = codes
             g.k_scale[:, :, start // G : end // G] = scale
             g.k_min[:, :, start // G : end // G] = mn
         if p.v_bits == 16:
-            g.v = buf(g.v, (D,), self.kv_dtype)
             g.v[:, :, start:end] = v
         else:
             codes, scale, mn = self.ops.quantize_v(v.to(self.dtype), p.v_bits, G)
-            g.v = buf(g.v, (packed_width(D, p.v_bits),), torch.uint8)
-            g.v_scale = buf(g.v_scale, (D // G,), torch.float16)
-            g.v_min = buf(g.v_min, (D // G,), torch.float16)
             g.v[:, :, start:end] = codes
             g.v_scale[:, :, start:end] = scale
             g.v_min[:, :, start:end] = mn

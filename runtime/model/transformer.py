@@ -16,6 +16,7 @@ from torch import nn
 
 from leank.errors import LeankError
 from leank.kernels import cpu as cpu_kernels
+from leank.kernels import ggml_cpu
 from leank.runtime.arch.args import ModelArgs
 from leank.runtime.arch.base import tensor_name
 from leank.runtime.gguf.reader import GGUFFile
@@ -26,6 +27,10 @@ EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
 
 # Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
 FFN_CHUNK_TOKENS = 2048
+
+# Decode steps of up to this many sequences run as one ggml program on a CPU (`CpuDecodeStep`); each
+# batch size seen gets its own (its memory: ~(6 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a layer and row).
+CPU_STEP_MAX_ROWS = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,9 +54,12 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, rope: RopeTables):
         """Project and rotate: q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
-        a = self.args
         B, T, _ = x.shape
-        qkv = self.wqkv(x)
+        return self.rotate(self.wqkv(x), B, T, rope)
+
+    def rotate(self, qkv: torch.Tensor, B: int, T: int, rope: RopeTables):
+        """q, k, v from the projected (B, T, q | k | v) rows: split, normalized (qk_norm), rotated."""
+        a = self.args
         v = qkv[..., self.q_size + self.kv_size :].view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         if self.q_norm is None:
             # q and k heads rotate together: one RoPE pass instead of two (decoding is bound by op count)
@@ -113,6 +121,7 @@ class Transformer(nn.Module):
         self.norm = torch.empty(0)
         self.output: Linear | None = None
         self.rope: Rope | None = None
+        self._cpu_steps: dict[int, CpuDecodeStep | None] = {}  # rows -> its program (None: not eligible)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if isinstance(self.tok_embeddings, (QuantLinear, CudaQuantLinear)):
@@ -125,6 +134,9 @@ class Transformer(nn.Module):
         `logits_for`: "last" (the next-token distribution only), "all" (one row per position) or
         "none" (hidden states after the final norm, (B, T, dim), for training and calibration).
         """
+        step = self._cpu_step(tokens, logits_for)
+        if step is not None:
+            return step.forward(tokens, cache)
         B, T = tokens.shape
         positions = getattr(cache, "positions", None)  # sequences at their own lengths, one token each (the server)
         rope = self.rope.tables(cache.seq_len, T) if positions is None else self.rope.tables_at(positions)
@@ -137,6 +149,128 @@ class Transformer(nn.Module):
         if logits_for == "none":
             return x
         return self.output(x).float()
+
+
+    def _cpu_step(self, tokens: torch.Tensor, logits_for: str) -> CpuDecodeStep | None:
+        """The ggml program for a CPU decode step of these `tokens` (one per sequence), or None."""
+        B, T = tokens.shape
+        if T != 1 or B > CPU_STEP_MAX_ROWS or logits_for == "none" or self.device.type != "cpu":
+            return None
+        if B not in self._cpu_steps:
+            self._cpu_steps[B] = CpuDecodeStep.build(self, B)
+        return self._cpu_steps[B]
+
+
+class CpuDecodeStep:
+    """A CPU decode step of `rows` sequences as one ggml program (`ggml_cpu.Program`): n_layers + 1
+    graphs a step instead of four products, two norms and a dozen torch operations a layer.
+
+    Segment 0: the first layer's RMSNorm and q|k|v products (and biases); segment l (1 <= l < n_layers):
+    layer l-1's attention output product, residual add, RMSNorm, gate and up products, SwiGLU, down
+    product, residual add, then layer l's RMSNorm and q|k|v; the last segment ends layer n-1 with the
+    final norm and the logits. Between segments torch splits and rotates q|k|v (`Attention.rotate`) and
+    the cache appends and attends, exactly as `Transformer.forward`; the residual stream stays in the
+    program's memory. On SmolLM2 (30 layers) a step was 121 one-node graphs, each a build, a plan and a
+    wake-up of ggml's workers, and ~20 torch operations a layer (bench/RESULTS.md, issue 16)."""
+
+    SLOT_X, SLOT_ATTN, SLOT_QKV, SLOT_LOGITS = range(4)
+
+    def __init__(self, model: Transformer, rows: int):
+        a = model.args
+        self.model, self.rows = model, rows
+        self.q_size, self.kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        width = self.q_size + 2 * self.kv_size
+        self.vocab = model.output.out_features
+        self._cols: dict[int, int] = {}  # product node -> its columns
+        P = self.program = ggml_cpu.Program(max_nodes=40 * a.n_layers + 64, max_segments=a.n_layers + 1, slots=4)
+        self.qkv = [torch.empty(rows, width) for _ in range(a.n_layers)]  # one per layer: nothing outlives its step
+        x = P.input(self.SLOT_X, a.dim, rows)
+        for i, block in enumerate(model.layers):
+            if i:
+                x = self._finish_layer(model.layers[i - 1], x)
+            xn = P.rms_norm(x, block.attn_norm, a.norm_eps)
+            col = 0
+            for node in self._product(block.attention.wqkv, xn):
+                P.bind(node, self.SLOT_QKV, ld=width, col=col)
+                col += self._cols[node]
+            P.end_segment()
+        x = self._finish_layer(model.layers[-1], x)
+        xn = P.rms_norm(x, model.norm, a.norm_eps)
+        col = 0
+        for node in self._product(model.output, xn):
+            P.bind(node, self.SLOT_LOGITS, ld=self.vocab, col=col)
+            col += self._cols[node]
+        P.end_segment()
+        P.finish()
+        self.ptrs = P.pointers()
+
+    def _product(self, lin: QuantLinear, x: int) -> list[int]:
+        """x times each part of `lin`, its bias added: one node per part."""
+        nodes, col = [], 0
+        for node, (blocks, _) in zip(self.program.matmul(lin._ggml, x), lin.parts):
+            n = blocks.shape[0]
+            if lin.bias is not None:
+                node = self.program.add(node, self.program.constant(lin.bias[col : col + n]))
+            self._cols[node] = n
+            nodes.append(node)
+            col += n
+        return nodes
+
+    def _finish_layer(self, block: Block, x: int) -> int:
+        """The rest of `block` after its attention (read from SLOT_ATTN): the new residual stream."""
+        P, eps = self.program, block.eps
+        (o,) = self._product(block.attention.wo, P.input(self.SLOT_ATTN, self.q_size, self.rows))
+        h = P.add(x, o)
+        gate, up = self._product(block.feed_forward.w_gate_up, P.rms_norm(h, block.ffn_norm, eps))
+        (down,) = self._product(block.feed_forward.w_down, P.swiglu(gate, up))
+        return P.add(h, down)
+
+    @staticmethod
+    def eligible(model: Transformer) -> bool:
+        """Every matrix multiplied by ggml, in float32 on a CPU, and the program not switched off
+        (LEANK_GGML_PROGRAM=0)."""
+        if model.device.type != "cpu" or model.dtype != torch.float32 or cpu_kernels.switched_off("LEANK_GGML_PROGRAM"):
+            return False
+        a = model.args
+        lins = [model.output]
+        for b in model.layers:
+            lins += [b.attention.wqkv, b.attention.wo, b.feed_forward.w_gate_up, b.feed_forward.w_down]
+        if not all(isinstance(m, QuantLinear) and m.kernel == "ggml" for m in lins):
+            return False
+        gu = [b.feed_forward.w_gate_up.parts for b in model.layers]
+        return all(len(p) == 2 and p[0][0].shape[0] == p[1][0].shape[0] == a.ffn_dim for p in gu)
+
+    @classmethod
+    def build(cls, model: Transformer, rows: int) -> CpuDecodeStep | None:
+        return cls(model, rows) if cls.eligible(model) else None
+
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per sequence, as `Transformer.forward`."""
+        m, P, ptrs = self.model, self.program, self.ptrs
+        B, T = tokens.shape
+        positions = getattr(cache, "positions", None)  # as Transformer.forward
+        rope = m.rope.tables(cache.seq_len, T) if positions is None else m.rope.tables_at(positions)
+        threads = torch.get_num_threads()
+        x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
+        ptrs[self.SLOT_X] = x.data_ptr()
+        ptrs[self.SLOT_QKV] = self.qkv[0].data_ptr()
+        P.run(0, ptrs, threads)
+        n = len(m.layers)
+        logits = torch.empty(B, T, self.vocab)
+        for i, block in enumerate(m.layers):
+            att = block.attention
+            q, k, v = att.rotate(self.qkv[i].view(B, T, -1), B, T, rope)
+            cache.append(i, k, v)
+            out = cache.attend(i, q).transpose(1, 2).reshape(B, self.q_size)
+            if out.dtype != torch.float32 or not out.is_contiguous():
+                out = out.float().contiguous()
+            ptrs[self.SLOT_ATTN] = out.data_ptr()
+            if i + 1 < n:
+                ptrs[self.SLOT_QKV] = self.qkv[i + 1].data_ptr()
+            else:
+                ptrs[self.SLOT_LOGITS] = logits.data_ptr()
+            P.run(i + 1, ptrs, threads)
+        return logits
 
 
 def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: torch.dtype,

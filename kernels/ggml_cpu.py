@@ -99,7 +99,11 @@ def _load():
     lib.leank_ggml_prog_free.restype = None
     lib.leank_ggml_prog_free.argtypes = [p]
     lib.leank_ggml_prog_input.argtypes = [p, i, i64, i64]  # slot, cols, rows
+    lib.leank_ggml_prog_input_i32.argtypes = [p, i, i64]  # slot, n
     lib.leank_ggml_prog_constant.argtypes = [p, p, i64]
+    lib.leank_ggml_prog_reshape.argtypes = [p, i, i64, i64, i64]
+    f = ctypes.c_float
+    lib.leank_ggml_prog_rope.argtypes = [p, i, i, i, i, i, i, f, f, f, f, f, f]
     lib.leank_ggml_prog_mul_mat.argtypes = [p, p, i]  # weight handle, x
     lib.leank_ggml_prog_rms_norm.argtypes = [p, i, i, ctypes.c_float]
     lib.leank_ggml_prog_add.argtypes = [p, i, i]
@@ -108,8 +112,10 @@ def _load():
     lib.leank_ggml_prog_end_segment.argtypes = [p]
     lib.leank_ggml_prog_finish.argtypes = [p]
     lib.leank_ggml_prog_run.argtypes = [p, i, p, i]  # segment, slot pointers, threads
-    for f in ("input", "constant", "mul_mat", "rms_norm", "add", "swiglu", "bind", "end_segment", "finish", "run"):
+    for f in ("input", "input_i32", "reshape", "rope", "constant", "mul_mat", "rms_norm", "add", "swiglu", "bind", "end_segment", "finish", "run"):
         getattr(lib, f"leank_ggml_prog_{f}").restype = i
+    lib.leank_ggml_set_poll.restype = None
+    lib.leank_ggml_set_poll.argtypes = [i]
     lib.leank_ggml_init()
     return lib, None
 
@@ -215,6 +221,25 @@ class Program:
         """A (rows, cols) contiguous float32 input read from the slot's pointer at each run."""
         return self._node(self._lib.leank_ggml_prog_input(self._h, slot, cols, rows))
 
+    def input_i32(self, slot: int, n: int) -> int:
+        """`n` int32 (positions) read from the slot's pointer at each run."""
+        return self._node(self._lib.leank_ggml_prog_input_i32(self._h, slot, n))
+
+    def reshape(self, x: int, *shape: int) -> int:
+        """x (contiguous, not bound) seen as (rows, heads, head_dim) (torch order)."""
+        rows, heads, d = shape
+        return self._node(self._lib.leank_ggml_prog_reshape(self._h, x, d, heads, rows))
+
+    def rope(self, x: int, positions: int, head_dim: int, neox: bool, freq_base: float, freq_scale: float = 1.0,
+             ext_factor: float = 0.0, attn_factor: float = 1.0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+             n_ctx_orig: int = 0, freq_factors: torch.Tensor | None = None) -> int:
+        """RoPE of x (rows, heads, head_dim) at `positions` (an int32 input, one a row), as llama.cpp
+        computes it (ggml_rope_ext: angles in float32); neox pairs (i, i + d/2), else (2i, 2i + 1)."""
+        ff = -1 if freq_factors is None else self.constant(freq_factors)
+        return self._node(self._lib.leank_ggml_prog_rope(
+            self._h, x, positions, ff, head_dim, 2 if neox else 0, n_ctx_orig, freq_base, freq_scale, ext_factor,
+            attn_factor, beta_fast, beta_slow))
+
     def constant(self, v: torch.Tensor) -> int:
         v = v.detach().float().contiguous().reshape(-1)
         self._held.append(v)
@@ -236,7 +261,8 @@ class Program:
         return self._node(self._lib.leank_ggml_prog_swiglu(self._h, gate, up))
 
     def bind(self, node: int, slot: int, ld: int, col: int = 0) -> None:
-        """Write `node` (rows, n) at float32 column `col` of the slot's tensor, rows `ld` floats apart."""
+        """Write `node` ((rows, n) or (rows, heads, head_dim)) at float32 column `col` of the slot's tensor,
+        rows `ld` floats apart."""
         self._node(self._lib.leank_ggml_prog_bind(self._h, node, slot, 4 * col, ld))
 
     def end_segment(self) -> int:

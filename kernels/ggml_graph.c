@@ -45,7 +45,16 @@ static struct ggml_threadpool *pool;
 static int pool_threads;
 static uint8_t *work;
 static size_t work_size;
-static ggml_backend_buffer_type_t repack_buft; /* ggml's "CPU_REPACK" buffer type, when this CPU has one */
+static ggml_backend_buffer_type_t repack_buft;
+static int pool_poll; /* ggml's polling level for the pool's idle workers (0: they sleep) */
+
+/* the polling level of ggml's workers between graphs, 0 (sleep at once) to 100; the pool is made again */
+void leank_ggml_set_poll(int poll) {
+    pthread_mutex_lock(&lock);
+    if (poll != pool_poll && pool) { ggml_threadpool_free(pool); pool = NULL; pool_threads = 0; }
+    pool_poll = poll < 0 ? 0 : poll > 100 ? 100 : poll;
+    pthread_mutex_unlock(&lock);
+} /* ggml's "CPU_REPACK" buffer type, when this CPU has one */
 
 int leank_ggml_init(void) {
     ggml_cpu_init();
@@ -154,7 +163,7 @@ int leank_ggml_mul(void *const *weights, int parts, const float *x, int64_t T, f
     if (!pool || pool_threads != nt) {
         if (pool) ggml_threadpool_free(pool);
         struct ggml_threadpool_params tp = ggml_threadpool_params_default(nt);
-        tp.poll = 0; /* between products the workers sleep: torch's own threads need the cores then */
+        tp.poll = pool_poll; /* 0: between products the workers sleep, torch's own threads need the cores then */
         pool = ggml_threadpool_new(&tp);
         pool_threads = pool ? nt : 0;
     }
@@ -194,6 +203,7 @@ typedef struct {
     int alias;     /* the leaf aliasing this node in the segment `alias_seg`, or -1 */
     int alias_seg;
     int bound_seg; /* the last segment whose bindings list this node (dedupe) */
+    int rows_dim;  /* the dimension that counts rows: 1 for (n, rows), 2 for (head_dim, heads, rows) */
 } prog_node;
 
 typedef struct {
@@ -269,6 +279,7 @@ static int prog_add(leank_prog *p, struct ggml_tensor *t, int seg) {
     n->slot = -1;
     n->alias_of = n->alias = -1;
     n->alias_seg = n->bound_seg = -1;
+    n->rows_dim = 1;
     return p->n_nodes++;
 }
 
@@ -297,6 +308,15 @@ int leank_ggml_prog_input(void *handle, int slot, int64_t cols, int64_t rows) {
     leank_prog *p = handle;
     if (!prog_open(p) || slot < 0 || slot >= p->n_slots || cols <= 0 || rows <= 0) return -1;
     int i = prog_add(p, ggml_new_tensor_2d(p->ctx, GGML_TYPE_F32, cols, rows), -1);
+    if (i >= 0) p->nodes[i].slot = slot;
+    return i;
+}
+
+/* an input leaf of `n` int32 (positions), read from ptrs[slot] at each run */
+int leank_ggml_prog_input_i32(void *handle, int slot, int64_t n) {
+    leank_prog *p = handle;
+    if (!prog_open(p) || slot < 0 || slot >= p->n_slots || n <= 0) return -1;
+    int i = prog_add(p, ggml_new_tensor_1d(p->ctx, GGML_TYPE_I32, n), -1);
     if (i >= 0) p->nodes[i].slot = slot;
     return i;
 }
@@ -334,7 +354,9 @@ int leank_ggml_prog_rms_norm(void *handle, int x, int weight, float eps) {
     struct ggml_tensor *n = ggml_rms_norm(p->ctx, X, eps);
     int i = prog_op(p, n);
     if (i < 0) return -1;
-    return prog_op(p, ggml_mul(p->ctx, p->nodes[i].t, Wn));
+    int j = prog_op(p, ggml_mul(p->ctx, p->nodes[i].t, Wn));
+    if (j >= 0) p->nodes[i].rows_dim = p->nodes[j].rows_dim = p->nodes[x].rows_dim; /* per head: x was reshaped */
+    return j;
 }
 
 /* a + b, b broadcast over a's rows when it is one row (a bias) */
@@ -346,6 +368,36 @@ int leank_ggml_prog_add(void *handle, int a, int b) {
     return prog_op(p, ggml_add(p->ctx, A, B));
 }
 
+/* node x (contiguous, unbound) seen as (ne0, ne1, ne2): heads of a row, for RMSNorm per head and RoPE */
+int leank_ggml_prog_reshape(void *handle, int x, int64_t ne0, int64_t ne1, int64_t ne2) {
+    leank_prog *p = handle;
+    if (!prog_open(p) || x < 0 || x >= p->n_nodes || p->nodes[x].slot >= 0) return -1;
+    struct ggml_tensor *X = prog_src(p, x);
+    if (!X || !ggml_is_contiguous(X) || ne0 <= 0 || ne1 <= 0 || ne2 <= 0 || ne0 * ne1 * ne2 != ggml_nelements(X)) return -1;
+    int i = prog_op(p, ggml_reshape_3d(p->ctx, X, ne0, ne1, ne2)); /* a view: its data is set by finish */
+    if (i >= 0) p->nodes[i].rows_dim = 2;
+    return i;
+}
+
+/* RoPE of x (head_dim, heads, rows) at positions pos (an int32 input, one a row), as llama.cpp
+   (ggml_rope_ext; mode 0 pairs (2i, 2i+1), GGML_ROPE_TYPE_NEOX pairs (i, i + n_dims/2)); freq_factors: a
+   constant node of n_dims/2 or -1 */
+int leank_ggml_prog_rope(void *handle, int x, int pos, int freq_factors, int n_dims, int mode, int n_ctx_orig,
+                         float freq_base, float freq_scale, float ext_factor, float attn_factor, float beta_fast,
+                         float beta_slow) {
+    leank_prog *p = handle;
+    if (!prog_open(p) || (mode != 0 && mode != GGML_ROPE_TYPE_NEOX)) return -1;
+    struct ggml_tensor *X = prog_src(p, x), *Pos = prog_src(p, pos), *Ff = NULL;
+    if (freq_factors >= 0 && !(Ff = prog_src(p, freq_factors))) return -1;
+    if (!X || !Pos || X->type != GGML_TYPE_F32 || Pos->type != GGML_TYPE_I32 || Pos->ne[0] != X->ne[2] || X->ne[3] != 1
+        || n_dims != X->ne[0] || n_dims % 2 || (Ff && (Ff->type != GGML_TYPE_F32 || Ff->ne[0] < n_dims / 2)))
+        return -1;
+    int i = prog_op(p, ggml_rope_ext(p->ctx, X, Pos, Ff, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                                     attn_factor, beta_fast, beta_slow));
+    if (i >= 0) p->nodes[i].rows_dim = 2;
+    return i;
+}
+
 /* silu(gate) * up, elementwise */
 int leank_ggml_prog_swiglu(void *handle, int gate, int up) {
     leank_prog *p = handle;
@@ -355,19 +407,24 @@ int leank_ggml_prog_swiglu(void *handle, int gate, int up) {
     return prog_op(p, ggml_swiglu_split(p->ctx, G, U));
 }
 
-/* node i (an op of the segment being built) is written at ptrs[slot] + offset bytes, rows `ld` floats
-   apart, instead of into the program's memory */
+/* node i (an op of the segment being built, 2-D (n, rows) or 3-D (n0, n1, rows)) is written at
+   ptrs[slot] + offset bytes, rows `ld` floats apart, instead of into the program's memory */
 int leank_ggml_prog_bind(void *handle, int i, int slot, int64_t offset, int64_t ld) {
     leank_prog *p = handle;
     if (!prog_open(p) || i < 0 || i >= p->n_nodes || slot < 0 || slot >= p->n_slots || offset < 0) return -1;
     prog_node *n = &p->nodes[i];
-    if (n->seg != p->seg || n->slot >= 0 || n->alias >= 0 || n->t->type != GGML_TYPE_F32 || ld < n->t->ne[0]
-        || n->t->ne[2] != 1 || n->t->ne[3] != 1 || offset % sizeof(float))
+    struct ggml_tensor *t = n->t;
+    if (n->seg != p->seg || n->slot >= 0 || n->alias >= 0 || t->view_src || t->type != GGML_TYPE_F32
+        || !ggml_is_contiguous(t) || t->ne[3] != 1 || offset % sizeof(float))
         return -1;
+    const int rd = n->rows_dim;
+    if (ld < t->ne[0] * (rd == 2 ? t->ne[1] : 1)) return -1;
+    for (int j = 0; j < p->n_nodes; j++) /* a view of it would keep the program's memory */
+        if (p->nodes[j].t->view_src == t) return -1;
     n->slot = slot;
     n->offset = (size_t)offset;
-    n->t->nb[1] = (size_t)ld * sizeof(float);
-    n->t->nb[2] = n->t->nb[3] = n->t->nb[1] * (size_t)n->t->ne[1];
+    t->nb[rd] = (size_t)ld * sizeof(float);
+    for (int d = rd + 1; d < GGML_MAX_DIMS; d++) t->nb[d] = t->nb[d - 1] * (size_t)t->ne[d - 1];
     return 0;
 }
 
@@ -416,13 +473,15 @@ int leank_ggml_prog_finish(void *handle) {
     if (!p || p->failed || p->finished || p->seg == 0) return -1;
     for (int i = 0; i < p->n_nodes; i++) {
         prog_node *n = &p->nodes[i];
-        if (n->seg < 0 || n->slot >= 0) continue;
+        if (n->seg < 0 || n->slot >= 0 || n->t->view_src) continue;
         size_t bytes = (ggml_nbytes(n->t) + 63) / 64 * 64;
         void *mem = NULL;
         if (posix_memalign(&mem, 64, bytes ? bytes : 64)) return -1;
         p->owned[p->n_owned++] = mem;
         n->t->data = mem;
     }
+    for (int i = 0; i < p->n_nodes; i++) /* views (reshapes), in creation order: their sources come first */
+        if (p->nodes[i].t->view_src) p->nodes[i].t->data = (uint8_t *)p->nodes[i].t->view_src->data + p->nodes[i].t->view_offs;
     for (int i = 0; i < p->n_nodes; i++)
         if (p->nodes[i].alias_of >= 0) p->nodes[i].t->data = p->nodes[p->nodes[i].alias_of].t->data;
     p->finished = 1;
@@ -449,7 +508,7 @@ int leank_ggml_prog_run(void *handle, int seg, void *const *ptrs, int threads) {
     if (!pool || pool_threads != nt) {
         if (pool) ggml_threadpool_free(pool);
         struct ggml_threadpool_params tp = ggml_threadpool_params_default(nt);
-        tp.poll = 0;
+        tp.poll = pool_poll;
         pool = ggml_threadpool_new(&tp);
         pool_threads = pool ? nt : 0;
         p->plan_threads = 0;

@@ -243,3 +243,47 @@ def test_the_program_can_be_switched_off(make_tiny, monkeypatch):
     f32 = leank.load(make_tiny(arch="llama", n_layers=1, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128), device="cpu")
     monkeypatch.delenv("LEANK_GGML_PROGRAM")
     assert not CpuDecodeStep.eligible(f32.transformer)  # float32 matrices: torch's path
+
+
+@needs_ggml
+@pytest.mark.parametrize("arch,spec", [
+    ("llama", {}), ("qwen2", {}), ("llama", dict(rope_freqs=True)), ("llama", dict(rope_scaling=("linear", 4.0))),
+    ("qwen2", dict(rope_scaling=("yarn", 4.0, 256))),
+])
+def test_the_programs_rope_equals_leanks(make_tiny, arch, spec):
+    """RoPE in the program (ggml_rope_ext with `ggml_rope_args`) against `Rope`'s float64 tables, per-head
+    RMSNorm before it (qwen3's q/k norms), rows at their own positions: within float32 angles' error."""
+    import leank
+    from leank.runtime.model.transformer import ggml_rope_args
+
+    m = leank.load(make_tiny(arch=arch, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=128, **spec), device="cpu")
+    a, rope = m.args, m.transformer.rope
+    args = ggml_rope_args(a, rope)
+    assert args is not None and (args["freq_factors"] is not None) == bool(spec.get("rope_freqs"))
+    positions = [0, 7, 300, 2040]
+    rows, heads, D = len(positions), a.n_heads, a.head_dim
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, heads * D, generator=g)
+    w = torch.rand(D, generator=g) + 0.5
+    P = ggml_cpu.Program(16, 1, slots=3)
+    xi, pos = P.input(0, heads * D, rows), P.input_i32(1, rows)
+    plain = P.rope(P.reshape(P.add(xi, P.constant(torch.zeros(heads * D))), rows, heads, D), pos, D, **args)
+    normed = P.rope(P.rms_norm(P.reshape(P.add(xi, P.constant(torch.zeros(heads * D))), rows, heads, D), w, 1e-6),
+                    pos, D, **args)
+    width = 2 * heads * D + 3
+    P.bind(plain, 2, ld=width)
+    P.bind(normed, 2, ld=width, col=heads * D)
+    P.end_segment()
+    P.finish()
+    out = torch.full((rows, width), float("nan"))
+    ptrs = P.pointers()
+    p32 = torch.tensor(positions, dtype=torch.int32)
+    ptrs[0], ptrs[1], ptrs[2] = x.data_ptr(), p32.data_ptr(), out.data_ptr()
+    P.run(0, ptrs, 2)
+    tables = rope.tables_at(positions)
+    xs = x.view(rows, 1, heads, D)
+    ref_plain = tables.apply(xs).reshape(rows, -1)
+    ref_normed = tables.apply((rms_norm64(xs, w, 1e-6)).float()).reshape(rows, -1)
+    assert out[:, 2 * heads * D :].isnan().all()
+    for got, ref in ((out[:, : heads * D], ref_plain), (out[:, heads * D : 2 * heads * D], ref_normed)):
+        assert (got - ref).abs().max() <= 2e-4 * ref.abs().max(), (got - ref).abs().max()

@@ -173,7 +173,7 @@ class CpuDecodeStep:
     program's memory. On SmolLM2 (30 layers) a step was 121 one-node graphs, each a build, a plan and a
     wake-up of ggml's workers, and ~20 torch operations a layer (bench/RESULTS.md, issue 16)."""
 
-    SLOT_X, SLOT_ATTN, SLOT_QKV, SLOT_LOGITS = range(4)
+    SLOT_X, SLOT_ATTN, SLOT_QKV, SLOT_LOGITS, SLOT_POS = range(5)
 
     def __init__(self, model: Transformer, rows: int):
         a = model.args
@@ -182,17 +182,24 @@ class CpuDecodeStep:
         width = self.q_size + 2 * self.kv_size
         self.vocab = model.output.out_features
         self._cols: dict[int, int] = {}  # product node -> its columns
-        P = self.program = ggml_cpu.Program(max_nodes=40 * a.n_layers + 64, max_segments=a.n_layers + 1, slots=4)
+        P = self.program = ggml_cpu.Program(max_nodes=40 * a.n_layers + 64, max_segments=a.n_layers + 1, slots=5)
         self.qkv = [torch.empty(rows, width) for _ in range(a.n_layers)]  # one per layer: nothing outlives its step
+        # RoPE (and q/k norms) in the program where ggml computes what `Rope` does; else torch's `Attention.rotate`
+        self.rope = ggml_rope_args(a, model.rope)
+        self.positions = torch.zeros(rows, dtype=torch.int32)
+        pos = P.input_i32(self.SLOT_POS, rows)
         x = P.input(self.SLOT_X, a.dim, rows)
         for i, block in enumerate(model.layers):
             if i:
                 x = self._finish_layer(model.layers[i - 1], x)
             xn = P.rms_norm(x, block.attn_norm, a.norm_eps)
-            col = 0
-            for node in self._product(block.attention.wqkv, xn):
+            q, k, v = self._product(block.attention.wqkv, xn)
+            if self.rope is not None:
+                att = block.attention
+                q = self._rotated(q, a.n_heads, att.q_norm, pos)
+                k = self._rotated(k, a.n_kv_heads, att.k_norm, pos)
+            for node, col in ((q, 0), (k, self.q_size), (v, self.q_size + self.kv_size)):
                 P.bind(node, self.SLOT_QKV, ld=width, col=col)
-                col += self._cols[node]
             P.end_segment()
         x = self._finish_layer(model.layers[-1], x)
         xn = P.rms_norm(x, model.norm, a.norm_eps)
@@ -216,6 +223,14 @@ class CpuDecodeStep:
             col += n
         return nodes
 
+    def _rotated(self, x: int, heads: int, norm: torch.Tensor | None, pos: int) -> int:
+        """q or k (rows, heads * head_dim) RMS-normalized per head (qk_norm) and rotated at the positions."""
+        P, a = self.program, self.model.args
+        x = P.reshape(x, self.rows, heads, a.head_dim)
+        if norm is not None:
+            x = P.rms_norm(x, norm, a.norm_eps)
+        return P.rope(x, pos, a.head_dim, **self.rope)
+
     def _finish_layer(self, block: Block, x: int) -> int:
         """The rest of `block` after its attention (read from SLOT_ATTN): the new residual stream."""
         P, eps = self.program, block.eps
@@ -238,7 +253,9 @@ class CpuDecodeStep:
         if not all(isinstance(m, QuantLinear) and m.kernel == "ggml" for m in lins):
             return False
         gu = [b.feed_forward.w_gate_up.parts for b in model.layers]
-        return all(len(p) == 2 and p[0][0].shape[0] == p[1][0].shape[0] == a.ffn_dim for p in gu)
+        qkv = [[blocks.shape[0] for blocks, _ in b.attention.wqkv.parts] for b in model.layers]
+        return (all(len(p) == 2 and p[0][0].shape[0] == p[1][0].shape[0] == a.ffn_dim for p in gu)
+                and all(rows == [a.n_heads * a.head_dim] + [a.n_kv_heads * a.head_dim] * 2 for rows in qkv))
 
     @classmethod
     def build(cls, model: Transformer, rows: int) -> CpuDecodeStep | None:
@@ -249,17 +266,31 @@ class CpuDecodeStep:
         m, P, ptrs = self.model, self.program, self.ptrs
         B, T = tokens.shape
         positions = getattr(cache, "positions", None)  # as Transformer.forward
-        rope = m.rope.tables(cache.seq_len, T) if positions is None else m.rope.tables_at(positions)
+        if self.rope is None:
+            rope = m.rope.tables(cache.seq_len, T) if positions is None else m.rope.tables_at(positions)
+        elif positions is None:
+            self.positions.fill_(cache.seq_len)
+        else:
+            self.positions.copy_(torch.tensor(positions, dtype=torch.int32))
         threads = torch.get_num_threads()
         x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
         ptrs[self.SLOT_X] = x.data_ptr()
+        ptrs[self.SLOT_POS] = self.positions.data_ptr()
+        a = m.args
+        qs, kvs, Hq, Hkv, D = self.q_size, self.kv_size, a.n_heads, a.n_kv_heads, a.head_dim
         ptrs[self.SLOT_QKV] = self.qkv[0].data_ptr()
         P.run(0, ptrs, threads)
         n = len(m.layers)
         logits = torch.empty(B, T, self.vocab)
         for i, block in enumerate(m.layers):
             att = block.attention
-            q, k, v = att.rotate(self.qkv[i].view(B, T, -1), B, T, rope)
+            qkv = self.qkv[i].view(B, T, -1)
+            if self.rope is None:
+                q, k, v = att.rotate(qkv, B, T, rope)
+            else:  # rotated by the program: views of its rows
+                q = qkv[..., :qs].view(B, T, Hq, D).transpose(1, 2)
+                k = qkv[..., qs : qs + kvs].view(B, T, Hkv, D).transpose(1, 2)
+                v = qkv[..., qs + kvs :].view(B, T, Hkv, D).transpose(1, 2)
             cache.append(i, k, v)
             out = cache.attend(i, q).transpose(1, 2).reshape(B, self.q_size)
             if out.dtype != torch.float32 or not out.is_contiguous():
@@ -271,6 +302,22 @@ class CpuDecodeStep:
                 ptrs[self.SLOT_LOGITS] = logits.data_ptr()
             P.run(i + 1, ptrs, threads)
         return logits
+
+
+def ggml_rope_args(args: ModelArgs, rope: Rope) -> dict | None:
+    """`rope`'s rotation as ggml_rope_ext's parameters (`ggml_cpu.Program.rope`), or None when it has none:
+    the same frequencies (rope_freqs as ggml's freq factors), linear and YaRN scaling, in float32 angles
+    as llama.cpp computes them (leank's tables are float64: ~1e-3 rad apart at 30K positions)."""
+    if args.rope_dims != args.head_dim or rope.mode not in ("interleaved", "neox"):
+        return None
+    s, d = args.rope_scaling, args.rope_dims
+    plain = args.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    factors = plain / rope.inv_freq
+    yarn = s.kind == "yarn"
+    return dict(neox=rope.mode == "neox", freq_base=args.rope_base, freq_scale=rope.freq_scale,
+                ext_factor=s.yarn_ext_factor if yarn else 0.0, attn_factor=s.yarn_attn_factor if yarn else 1.0,
+                beta_fast=s.yarn_beta_fast, beta_slow=s.yarn_beta_slow, n_ctx_orig=s.original_context or args.context_length,
+                freq_factors=None if torch.equal(factors, torch.ones_like(factors)) else factors.float())
 
 
 def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: torch.dtype,

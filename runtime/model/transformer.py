@@ -210,6 +210,12 @@ class CpuDecodeStep:
         P.end_segment()
         P.finish()
         self.ptrs = P.pointers()
+        self.qkv_ptrs = [t.data_ptr() for t in self.qkv]
+        # q (B, Hq, 1, D), k and v (B, Hkv, 1, D) of each layer: views of its q|k|v rows, as Attention.rotate gives
+        qs, kvs, D = self.q_size, self.kv_size, a.head_dim
+        self.views = [(t[:, :qs].view(rows, 1, a.n_heads, D).transpose(1, 2),
+                       t[:, qs : qs + kvs].view(rows, 1, a.n_kv_heads, D).transpose(1, 2),
+                       t[:, qs + kvs :].view(rows, 1, a.n_kv_heads, D).transpose(1, 2)) for t in self.qkv]
 
     def _product(self, lin: QuantLinear, x: int) -> list[int]:
         """x times each part of `lin`, its bias added: one node per part."""
@@ -276,28 +282,22 @@ class CpuDecodeStep:
         x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
         ptrs[self.SLOT_X] = x.data_ptr()
         ptrs[self.SLOT_POS] = self.positions.data_ptr()
-        a = m.args
-        qs, kvs, Hq, Hkv, D = self.q_size, self.kv_size, a.n_heads, a.n_kv_heads, a.head_dim
-        ptrs[self.SLOT_QKV] = self.qkv[0].data_ptr()
+        ptrs[self.SLOT_QKV] = self.qkv_ptrs[0]
         P.run(0, ptrs, threads)
         n = len(m.layers)
         logits = torch.empty(B, T, self.vocab)
-        for i, block in enumerate(m.layers):
-            att = block.attention
-            qkv = self.qkv[i].view(B, T, -1)
+        for i in range(n):
             if self.rope is None:
-                q, k, v = att.rotate(qkv, B, T, rope)
-            else:  # rotated by the program: views of its rows
-                q = qkv[..., :qs].view(B, T, Hq, D).transpose(1, 2)
-                k = qkv[..., qs : qs + kvs].view(B, T, Hkv, D).transpose(1, 2)
-                v = qkv[..., qs + kvs :].view(B, T, Hkv, D).transpose(1, 2)
+                q, k, v = m.layers[i].attention.rotate(self.qkv[i].view(B, T, -1), B, T, rope)
+            else:  # rotated by the program: views of its rows, made once
+                q, k, v = self.views[i]
             cache.append(i, k, v)
-            out = cache.attend(i, q).transpose(1, 2).reshape(B, self.q_size)
+            out = cache.attend(i, q)  # (B, Hq, 1, D): contiguous, it is (B, Hq * D) as it lies
             if out.dtype != torch.float32 or not out.is_contiguous():
                 out = out.float().contiguous()
             ptrs[self.SLOT_ATTN] = out.data_ptr()
             if i + 1 < n:
-                ptrs[self.SLOT_QKV] = self.qkv[i + 1].data_ptr()
+                ptrs[self.SLOT_QKV] = self.qkv_ptrs[i + 1]
             else:
                 ptrs[self.SLOT_LOGITS] = logits.data_ptr()
             P.run(i + 1, ptrs, threads)

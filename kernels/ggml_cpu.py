@@ -114,8 +114,6 @@ def _load():
     lib.leank_ggml_prog_run.argtypes = [p, i, p, i]  # segment, slot pointers, threads
     for f in ("input", "input_i32", "reshape", "rope", "constant", "mul_mat", "rms_norm", "add", "swiglu", "bind", "end_segment", "finish", "run"):
         getattr(lib, f"leank_ggml_prog_{f}").restype = i
-    lib.leank_ggml_set_poll.restype = None
-    lib.leank_ggml_set_poll.argtypes = [i]
     lib.leank_ggml_init()
     return lib, None
 

@@ -46,15 +46,19 @@ static int pool_threads;
 static uint8_t *work;
 static size_t work_size;
 static ggml_backend_buffer_type_t repack_buft;
-static int pool_poll; /* ggml's polling level for the pool's idle workers (0: they sleep) */
-
-/* the polling level of ggml's workers between graphs, 0 (sleep at once) to 100; the pool is made again */
-void leank_ggml_set_poll(int poll) {
-    pthread_mutex_lock(&lock);
-    if (poll != pool_poll && pool) { ggml_threadpool_free(pool); pool = NULL; pool_threads = 0; }
-    pool_poll = poll < 0 ? 0 : poll > 100 ? 100 : poll;
-    pthread_mutex_unlock(&lock);
-} /* ggml's "CPU_REPACK" buffer type, when this CPU has one */
+/* the pool, made again for another thread count (under `lock`); NULL when ggml cannot make one. Between
+   graphs its workers sleep (poll 0): torch's own threads need the cores then, and spinning workers
+   (poll 1-10) measured no faster on a decode step of SmolLM2 (2 threads, issue 16). */
+static struct ggml_threadpool *pool_for(int nt) {
+    if (!pool || pool_threads != nt) {
+        if (pool) ggml_threadpool_free(pool);
+        struct ggml_threadpool_params tp = ggml_threadpool_params_default(nt);
+        tp.poll = 0;
+        pool = ggml_threadpool_new(&tp);
+        pool_threads = pool ? nt : 0;
+    }
+    return pool;
+}
 
 int leank_ggml_init(void) {
     ggml_cpu_init();
@@ -160,14 +164,7 @@ int leank_ggml_mul(void *const *weights, int parts, const float *x, int64_t T, f
     int rc = -1;
     pthread_mutex_lock(&lock);
     const int nt = threads > 0 ? threads : 1;
-    if (!pool || pool_threads != nt) {
-        if (pool) ggml_threadpool_free(pool);
-        struct ggml_threadpool_params tp = ggml_threadpool_params_default(nt);
-        tp.poll = pool_poll; /* 0: between products the workers sleep, torch's own threads need the cores then */
-        pool = ggml_threadpool_new(&tp);
-        pool_threads = pool ? nt : 0;
-    }
-    if (pool) {
+    if (pool_for(nt)) {
         struct ggml_cplan plan = ggml_graph_plan(gf, nt, pool);
         if (plan.work_size > work_size) {
             uint8_t *grown = realloc(work, plan.work_size);
@@ -497,23 +494,16 @@ int leank_ggml_prog_segments(void *handle) {
 int leank_ggml_prog_run(void *handle, int seg, void *const *ptrs, int threads) {
     leank_prog *p = handle;
     if (!p || !p->finished || seg < 0 || seg >= p->seg || !ptrs) return -1;
-    for (int b = p->binding_start[seg]; b < p->binding_start[seg + 1]; b++) {
-        prog_binding *bd = &p->bindings[b];
-        if (!ptrs[bd->slot]) return -1;
-        p->nodes[bd->node].t->data = (uint8_t *)ptrs[bd->slot] + bd->offset;
-    }
+    for (int b = p->binding_start[seg]; b < p->binding_start[seg + 1]; b++)
+        if (!ptrs[p->bindings[b].slot]) return -1;
     int rc = -1;
     const int nt = threads > 0 ? threads : 1;
-    pthread_mutex_lock(&lock);
-    if (!pool || pool_threads != nt) {
-        if (pool) ggml_threadpool_free(pool);
-        struct ggml_threadpool_params tp = ggml_threadpool_params_default(nt);
-        tp.poll = pool_poll;
-        pool = ggml_threadpool_new(&tp);
-        pool_threads = pool ? nt : 0;
-        p->plan_threads = 0;
+    pthread_mutex_lock(&lock); /* the bindings too: one run of a program at a time */
+    for (int b = p->binding_start[seg]; b < p->binding_start[seg + 1]; b++) {
+        prog_binding *bd = &p->bindings[b];
+        p->nodes[bd->node].t->data = (uint8_t *)ptrs[bd->slot] + bd->offset;
     }
-    if (pool && p->plan_threads != nt) { /* once, or when the thread count changes */
+    if (pool_for(nt) && p->plan_threads != nt) { /* once, or when the thread count changes */
         for (int s = 0; s < p->seg; s++) p->plans[s] = ggml_graph_plan(p->graphs[s], nt, pool);
         p->plan_threads = nt;
     }

@@ -464,19 +464,51 @@ int leank_ggml_prog_end_segment(void *handle) {
 }
 
 /* gives every unbound op node its memory (64-byte aligned) and every alias its node's; no more nodes
-   after this. Returns 0 or -1. */
+   after this. A node that a later segment reads (through an alias) has memory of its own; the others
+   live only while their segment computes, so every segment's share one scratch buffer (the size of the
+   largest segment's): on the 1.5B Qwen2.5-Coder a program holds ~0.3 MiB a row instead of ~4 MiB.
+   Returns 0 or -1. */
 int leank_ggml_prog_finish(void *handle) {
     leank_prog *p = handle;
     if (!p || p->failed || p->finished || p->seg == 0) return -1;
+    size_t *off = calloc((size_t)p->n_nodes, sizeof *off);
+    unsigned char *keep = calloc((size_t)p->n_nodes, 1);
+    size_t *used = calloc((size_t)p->seg, sizeof *used);
+    if (!off || !keep || !used) { free(off); free(keep); free(used); return -1; }
     for (int i = 0; i < p->n_nodes; i++) {
+        if (p->nodes[i].alias < 0) continue;
+        keep[i] = 1;
+        for (struct ggml_tensor *v = p->nodes[i].t->view_src; v; v = v->view_src) /* a view's source too */
+            for (int j = 0; j < i; j++)
+                if (p->nodes[j].t == v) keep[j] = 1;
+    }
+    size_t scratch = 0;
+    for (int i = 0; i < p->n_nodes; i++) { /* segment-local nodes: offsets into the scratch buffer */
+        prog_node *n = &p->nodes[i];
+        if (n->seg < 0 || n->slot >= 0 || n->t->view_src || keep[i]) continue;
+        off[i] = used[n->seg];
+        used[n->seg] += (ggml_nbytes(n->t) + 63) / 64 * 64;
+        scratch = used[n->seg] > scratch ? used[n->seg] : scratch;
+    }
+    void *mem = NULL;
+    int rc = posix_memalign(&mem, 64, scratch ? scratch : 64) ? -1 : 0;
+    if (!rc) p->owned[p->n_owned++] = mem;
+    for (int i = 0; i < p->n_nodes && !rc; i++) {
         prog_node *n = &p->nodes[i];
         if (n->seg < 0 || n->slot >= 0 || n->t->view_src) continue;
-        size_t bytes = (ggml_nbytes(n->t) + 63) / 64 * 64;
-        void *mem = NULL;
-        if (posix_memalign(&mem, 64, bytes ? bytes : 64)) return -1;
-        p->owned[p->n_owned++] = mem;
-        n->t->data = mem;
+        if (!keep[i]) {
+            n->t->data = (uint8_t *)mem + off[i];
+            continue;
+        }
+        void *own = NULL;
+        if (posix_memalign(&own, 64, (ggml_nbytes(n->t) + 63) / 64 * 64)) { rc = -1; break; }
+        p->owned[p->n_owned++] = own;
+        n->t->data = own;
     }
+    free(off);
+    free(keep);
+    free(used);
+    if (rc) return -1;
     for (int i = 0; i < p->n_nodes; i++) /* views (reshapes), in creation order: their sources come first */
         if (p->nodes[i].t->view_src) p->nodes[i].t->data = (uint8_t *)p->nodes[i].t->view_src->data + p->nodes[i].t->view_offs;
     for (int i = 0; i < p->n_nodes; i++)

@@ -29,7 +29,8 @@ EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
 FFN_CHUNK_TOKENS = 2048
 
 # Decode steps of up to this many sequences run as one ggml program on a CPU (`CpuDecodeStep`); each
-# batch size seen gets its own (its memory: ~(6 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a layer and row).
+# batch size seen gets its own: ~(n_layers dim + 5 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a row (the residual
+# stream of every layer, one segment's scratch, q|k|v), ~0.3 MiB a row on the 1.5B Qwen2.5-Coder.
 CPU_STEP_MAX_ROWS = 16
 
 
@@ -183,7 +184,9 @@ class CpuDecodeStep:
         self.vocab = model.output.out_features
         self._cols: dict[int, int] = {}  # product node -> its columns
         P = self.program = ggml_cpu.Program(max_nodes=40 * a.n_layers + 64, max_segments=a.n_layers + 1, slots=5)
-        self.qkv = [torch.empty(rows, width) for _ in range(a.n_layers)]  # one per layer: nothing outlives its step
+        # every layer's q|k|v rows: the cache copies k and v in `append` and reads q in `attend` before the
+        # next segment writes them again
+        self.qkv = torch.empty(rows, width)
         # RoPE (and q/k norms) in the program where ggml computes what `Rope` does; else torch's `Attention.rotate`
         self.rope = ggml_rope_args(a, model.rope)
         self.positions = torch.zeros(rows, dtype=torch.int32)
@@ -210,12 +213,11 @@ class CpuDecodeStep:
         P.end_segment()
         P.finish()
         self.ptrs = P.pointers()
-        self.qkv_ptrs = [t.data_ptr() for t in self.qkv]
-        # q (B, Hq, 1, D), k and v (B, Hkv, 1, D) of each layer: views of its q|k|v rows, as Attention.rotate gives
-        qs, kvs, D = self.q_size, self.kv_size, a.head_dim
-        self.views = [(t[:, :qs].view(rows, 1, a.n_heads, D).transpose(1, 2),
-                       t[:, qs : qs + kvs].view(rows, 1, a.n_kv_heads, D).transpose(1, 2),
-                       t[:, qs + kvs :].view(rows, 1, a.n_kv_heads, D).transpose(1, 2)) for t in self.qkv]
+        # q (B, Hq, 1, D), k and v (B, Hkv, 1, D): views of the q|k|v rows, as Attention.rotate gives them
+        qs, kvs, D, t = self.q_size, self.kv_size, a.head_dim, self.qkv
+        self.views = (t[:, :qs].view(rows, 1, a.n_heads, D).transpose(1, 2),
+                      t[:, qs : qs + kvs].view(rows, 1, a.n_kv_heads, D).transpose(1, 2),
+                      t[:, qs + kvs :].view(rows, 1, a.n_kv_heads, D).transpose(1, 2))
 
     def _product(self, lin: QuantLinear, x: int) -> list[int]:
         """x times each part of `lin`, its bias added: one node per part."""
@@ -282,23 +284,21 @@ class CpuDecodeStep:
         x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
         ptrs[self.SLOT_X] = x.data_ptr()
         ptrs[self.SLOT_POS] = self.positions.data_ptr()
-        ptrs[self.SLOT_QKV] = self.qkv_ptrs[0]
+        ptrs[self.SLOT_QKV] = self.qkv.data_ptr()
         P.run(0, ptrs, threads)
         n = len(m.layers)
         logits = torch.empty(B, T, self.vocab)
         for i in range(n):
             if self.rope is None:
-                q, k, v = m.layers[i].attention.rotate(self.qkv[i].view(B, T, -1), B, T, rope)
+                q, k, v = m.layers[i].attention.rotate(self.qkv.view(B, T, -1), B, T, rope)
             else:  # rotated by the program: views of its rows, made once
-                q, k, v = self.views[i]
+                q, k, v = self.views
             cache.append(i, k, v)
             out = cache.attend(i, q)  # (B, Hq, 1, D): contiguous, it is (B, Hq * D) as it lies
             if out.dtype != torch.float32 or not out.is_contiguous():
                 out = out.float().contiguous()
             ptrs[self.SLOT_ATTN] = out.data_ptr()
-            if i + 1 < n:
-                ptrs[self.SLOT_QKV] = self.qkv_ptrs[i + 1]
-            else:
+            if i + 1 == n:
                 ptrs[self.SLOT_LOGITS] = logits.data_ptr()
             P.run(i + 1, ptrs, threads)
         return logits

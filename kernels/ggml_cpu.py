@@ -19,6 +19,10 @@ activations are quantized to 8 bits per block, exactly as llama.cpp does (fideli
 llama.cpp's own), and products are not bitwise the same for a row fed alone and within a prompt
 (llama.cpp's are not either).
 
+`Program` strings many such nodes (products, RMSNorm, SwiGLU, adds, RoPE) into segments, each one graph
+planned once and computed every step: a whole decode step in n_layers + 1 graphs
+(`runtime/model/transformer.py`, `CpuDecodeStep`).
+
 Only the llama-cpp-python versions in ABI_CHECKED are used (the headers are compiled against, but
 the library must be the one they describe); anything else, missing headers, libraries or compiler, or
 LEANK_GGML=0, falls back to leank's own kernels (`cpu_matmul.c`; `unavailable_reason()` says why).

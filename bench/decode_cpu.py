@@ -30,6 +30,8 @@ POLICIES = {
     "kivi4": dict(kv="kivi", k_bits=4, v_bits=4),
     "leank0.7+kivi2": dict(kv="leank+kivi", ratio=0.7, k_bits=2, v_bits=2),
 }
+# the dense cache with LEANK_GGML_PROGRAM=0 (--per-product): one ggml graph per product, as before the program
+PER_PRODUCT = "dense/per-product"
 # llama.cpp caches: name -> (type_k = type_v GGML id, flash attention); a quantized V needs flash attention
 LLAMA_CACHES = {"f16": (1, False), "q8_0": (8, True), "q4_0": (2, True)}
 
@@ -57,7 +59,7 @@ def worker_leank(model_path: str | None, ctx: int, tokens: int, policy_name: str
     from leank.masks.choose import build_policy
 
     m = leank.load(model_path, device="cpu")
-    policy = build_policy(m, **POLICIES[policy_name])
+    policy = build_policy(m, **POLICIES["dense" if policy_name == PER_PRODUCT else policy_name])
     ids = context_ids(m.tokenize, ctx)
     cache = m.new_cache(policy=policy)
     with torch.inference_mode():
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--no-extra-bufts", action="store_true",
                     help="llama.cpp without its extra buffer types (weight repacking, AMX): its AMX matrix "
                          "product segfaults on some VMs (this project's Xeon VM, 2026-12-02)")
+    ap.add_argument("--per-product", action="store_true",
+                    help="also leank dense with LEANK_GGML_PROGRAM=0 (a ggml graph per product, the path before "
+                         "the decode-step program), in the same rounds")
     ap.add_argument("--repeat", type=int, default=1, help="rounds; every engine runs once per round (default 1)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -154,10 +159,13 @@ def main() -> None:
     for rnd in range(a.repeat):
         for ctx in a.ctx or [512, 4096]:
             jobs = [("llama.cpp", c) for c in (a.llama_cache or ["f16"])] + [("leank", p) for p in (a.policy or list(POLICIES))]
+            if a.per_product:
+                jobs.append(("leank", PER_PRODUCT))
             for engine, policy in jobs:
                 cmd = [sys.executable, __file__, "--model", a.model, "--threads", str(a.threads),
                        "--worker", engine, str(ctx), str(a.tokens), policy] + (["--no-extra-bufts"] if a.no_extra_bufts else [])
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                env = {**os.environ, "LEANK_GGML_PROGRAM": "0"} if policy == PER_PRODUCT else None
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode != 0:
                     print(r.stderr, file=sys.stderr)
                     raise SystemExit(f"{engine} {policy} at {ctx} failed")

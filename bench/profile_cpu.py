@@ -7,6 +7,11 @@ Prefills --ctx random tokens, then times --steps decode steps, wrapping `QuantLi
 cache's `attend` and the model's `rms_norm` with timers (perf_counter; ~1 µs a call). Prints the time
 per step of each part and the matrices' effective bandwidth (bytes of blocks read per second spent in
 their calls). For a table in bench/RESULTS.md; it asserts nothing.
+
+A decode step normally runs as one ggml program (`CpuDecodeStep`: n_layers + 1 graphs, each a layer's
+products, norms and SwiGLU); its segments are timed as "ggml program segments" (their bandwidth: every
+matrix's blocks over the segments' time), beside `Attention.rotate` (torch's split and RoPE) and the
+cache. `LEANK_GGML_PROGRAM=0` profiles the per-product path instead.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ def main() -> None:
     from leank.runtime.model import transformer as model_mod
     from leank.kernels import ggml_cpu
     from leank.runtime.model.linear import QuantLinear
+    from leank.runtime.model.transformer import Attention
 
     m = leank.load(a.model, device="cpu")
     cache = m.new_cache() if a.kv is None else m.new_cache(policy=build_policy(m, kv=a.kv))
@@ -66,6 +72,21 @@ def main() -> None:
     attend = type(cache).attend
     type(cache).attend = timed(lambda self, layer, q: "attention (cache.attend)", attend)
     model_mod.rms_norm = timed(lambda x, w, eps: "rms_norm", model_mod.rms_norm)
+    Attention.rotate = timed(lambda self, *a: "split q|k|v, RoPE (Attention.rotate)", Attention.rotate)
+    append = type(cache).append
+    type(cache).append = timed(lambda self, *a: "cache.append", append)
+    tr = m.transformer
+    matrix_bytes = sum(lin.nbytes for lin in [tr.output] + [x for b in tr.layers for x in (
+        b.attention.wqkv, b.attention.wo, b.feed_forward.w_gate_up, b.feed_forward.w_down)])
+    run = ggml_cpu.Program.run
+    n_layers = tr.args.n_layers
+
+    def seg_key(self, segment, *a):
+        if on[0] and segment == 0:
+            nbytes["ggml program segments"] += matrix_bytes
+        return "ggml program segments"
+
+    ggml_cpu.Program.run = timed(seg_key, run)
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, m.transformer.args.vocab_size, (1, a.ctx), generator=gen)
@@ -79,7 +100,8 @@ def main() -> None:
             m.transformer(ids[:, i % a.ctx : i % a.ctx + 1], cache)
         total = time.perf_counter() - t0
     step = total / a.steps
-    print(f"matrices: {ggml_cpu.matmul_path()}")
+    print(f"matrices: {ggml_cpu.matmul_path()}; decode step: "
+          f"{'one ggml program' if tr._cpu_steps.get(1) is not None else 'a ggml graph per product'}")
     print(f"{a.steps} steps after {a.ctx} tokens, {a.threads} threads: {step * 1e3:.1f} ms a step")
     print("| part | calls a step | ms a step | share | GB/s of blocks |")
     print("|---|---:|---:|---:|---:|")

@@ -19,6 +19,10 @@ activations are quantized to 8 bits per block, exactly as llama.cpp does (fideli
 llama.cpp's own), and products are not bitwise the same for a row fed alone and within a prompt
 (llama.cpp's are not either).
 
+`Program` strings many such nodes (products, RMSNorm, SwiGLU, adds, RoPE) into segments, each one graph
+planned once and computed every step: a whole decode step in n_layers + 1 graphs
+(`runtime/model/transformer.py`, `CpuDecodeStep`).
+
 Only the llama-cpp-python versions in ABI_CHECKED are used (the headers are compiled against, but
 the library must be the one they describe); anything else, missing headers, libraries or compiler, or
 LEANK_GGML=0, falls back to leank's own kernels (`cpu_matmul.c`; `unavailable_reason()` says why).
@@ -94,6 +98,26 @@ def _load():
     lib.leank_ggml_weight_free.argtypes = [p]
     lib.leank_ggml_mul.restype = i
     lib.leank_ggml_mul.argtypes = [p, i, p, i64, p, i64, i]  # weights, parts, x, T, y, ldy, threads
+    lib.leank_ggml_prog_new.restype = p
+    lib.leank_ggml_prog_new.argtypes = [i, i, i]  # max nodes, max segments, slots
+    lib.leank_ggml_prog_free.restype = None
+    lib.leank_ggml_prog_free.argtypes = [p]
+    lib.leank_ggml_prog_input.argtypes = [p, i, i64, i64]  # slot, cols, rows
+    lib.leank_ggml_prog_input_i32.argtypes = [p, i, i64]  # slot, n
+    lib.leank_ggml_prog_constant.argtypes = [p, p, i64]
+    lib.leank_ggml_prog_reshape.argtypes = [p, i, i64, i64, i64]
+    f = ctypes.c_float
+    lib.leank_ggml_prog_rope.argtypes = [p, i, i, i, i, i, i, f, f, f, f, f, f]
+    lib.leank_ggml_prog_mul_mat.argtypes = [p, p, i]  # weight handle, x
+    lib.leank_ggml_prog_rms_norm.argtypes = [p, i, i, ctypes.c_float]
+    lib.leank_ggml_prog_add.argtypes = [p, i, i]
+    lib.leank_ggml_prog_swiglu.argtypes = [p, i, i]
+    lib.leank_ggml_prog_bind.argtypes = [p, i, i, i64, i64]  # node, slot, byte offset, row stride (floats)
+    lib.leank_ggml_prog_end_segment.argtypes = [p]
+    lib.leank_ggml_prog_finish.argtypes = [p]
+    lib.leank_ggml_prog_run.argtypes = [p, i, p, i]  # segment, slot pointers, threads
+    for f in ("input", "input_i32", "reshape", "rope", "constant", "mul_mat", "rms_norm", "add", "swiglu", "bind", "end_segment", "finish", "run"):
+        getattr(lib, f"leank_ggml_prog_{f}").restype = i
     lib.leank_ggml_init()
     return lib, None
 
@@ -167,6 +191,107 @@ class Matrix:
 
     def __del__(self):
         if getattr(self, "_handles", None) is not None:
+            self.close()
+
+
+class Program:
+    """Segments of ggml nodes (products, RMSNorm, SwiGLU, adds), each one ggml graph built and planned
+    once and computed by `run(segment, ptrs)` as often as wanted: a decode step's products without a
+    graph, a plan and a wake-up of ggml's workers per product (kernels/ggml_graph.c).
+
+    Nodes are ints. Inputs and bound outputs are read from and written to `slots` caller pointers given
+    at each run; constants are float32 vectors the program holds; everything else lives in memory the
+    program owns, so a node of one segment can feed a later one (a bound output cannot)."""
+
+    def __init__(self, max_nodes: int, max_segments: int, slots: int):
+        lib = _loaded()
+        if lib is None:
+            raise RuntimeError(f"ggml unavailable: {unavailable_reason()}")
+        self._lib, self.slots = lib, slots
+        self._h = lib.leank_ggml_prog_new(max_nodes, max_segments, slots)
+        if not self._h:
+            raise RuntimeError("ggml program: no memory")
+        self._held: list = []  # constants and matrices the program's nodes point into
+        self.segments = 0
+
+    def _node(self, i: int) -> int:
+        if i < 0:
+            raise ValueError("ggml program: node refused (shapes, a bound node read later, or out of room)")
+        return i
+
+    def input(self, slot: int, cols: int, rows: int) -> int:
+        """A (rows, cols) contiguous float32 input read from the slot's pointer at each run."""
+        return self._node(self._lib.leank_ggml_prog_input(self._h, slot, cols, rows))
+
+    def input_i32(self, slot: int, n: int) -> int:
+        """`n` int32 (positions) read from the slot's pointer at each run."""
+        return self._node(self._lib.leank_ggml_prog_input_i32(self._h, slot, n))
+
+    def reshape(self, x: int, *shape: int) -> int:
+        """x (contiguous, not bound) seen as (rows, heads, head_dim) (torch order)."""
+        rows, heads, d = shape
+        return self._node(self._lib.leank_ggml_prog_reshape(self._h, x, d, heads, rows))
+
+    def rope(self, x: int, positions: int, head_dim: int, neox: bool, freq_base: float, freq_scale: float = 1.0,
+             ext_factor: float = 0.0, attn_factor: float = 1.0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+             n_ctx_orig: int = 0, freq_factors: torch.Tensor | None = None) -> int:
+        """RoPE of x (rows, heads, head_dim) at `positions` (an int32 input, one a row), as llama.cpp
+        computes it (ggml_rope_ext: angles in float32); neox pairs (i, i + d/2), else (2i, 2i + 1)."""
+        ff = -1 if freq_factors is None else self.constant(freq_factors)
+        return self._node(self._lib.leank_ggml_prog_rope(
+            self._h, x, positions, ff, head_dim, 2 if neox else 0, n_ctx_orig, freq_base, freq_scale, ext_factor,
+            attn_factor, beta_fast, beta_slow))
+
+    def constant(self, v: torch.Tensor) -> int:
+        v = v.detach().float().contiguous().reshape(-1)
+        self._held.append(v)
+        return self._node(self._lib.leank_ggml_prog_constant(self._h, v.data_ptr(), v.numel()))
+
+    def matmul(self, m: Matrix, x: int) -> list[int]:
+        """x times each part of `m` (transposed): one node per part, (rows of x, rows of the part)."""
+        self._held.append(m)
+        return [self._node(self._lib.leank_ggml_prog_mul_mat(self._h, h, x)) for h in m._handles]
+
+    def rms_norm(self, x: int, weight: torch.Tensor, eps: float) -> int:
+        return self._node(self._lib.leank_ggml_prog_rms_norm(self._h, x, self.constant(weight), eps))
+
+    def add(self, a: int, b: int) -> int:
+        return self._node(self._lib.leank_ggml_prog_add(self._h, a, b))
+
+    def swiglu(self, gate: int, up: int) -> int:
+        """silu(gate) * up."""
+        return self._node(self._lib.leank_ggml_prog_swiglu(self._h, gate, up))
+
+    def bind(self, node: int, slot: int, ld: int, col: int = 0) -> None:
+        """Write `node` ((rows, n) or (rows, heads, head_dim)) at float32 column `col` of the slot's tensor,
+        rows `ld` floats apart."""
+        self._node(self._lib.leank_ggml_prog_bind(self._h, node, slot, 4 * col, ld))
+
+    def end_segment(self) -> int:
+        seg = self._node(self._lib.leank_ggml_prog_end_segment(self._h))
+        self.segments = seg + 1
+        return seg
+
+    def finish(self) -> None:
+        if self._lib.leank_ggml_prog_finish(self._h):
+            raise RuntimeError("ggml program: could not be finished (no memory, or no segment)")
+
+    def run(self, segment: int, ptrs, threads: int) -> None:
+        """Compute `segment`; `ptrs`: a ctypes array of `slots` pointers (data_ptr()s)."""
+        if self._lib.leank_ggml_prog_run(self._h, segment, ptrs, threads):
+            raise RuntimeError("ggml program: a run was refused (a slot it uses is NULL, or ggml failed)")
+
+    def pointers(self):
+        """An empty ctypes array of `slots` pointers for `run`."""
+        return (ctypes.c_void_p * self.slots)()
+
+    def close(self) -> None:
+        h, self._h = self._h, None
+        if h:
+            self._lib.leank_ggml_prog_free(h)
+
+    def __del__(self):
+        if getattr(self, "_h", None):
             self.close()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from leank.errors import LeankError
 from leank.kernels import cpu as cpu_kernels
+from leank.kernels import ggml_cpu
 from leank.runtime.arch.args import ModelArgs
 from leank.runtime.arch.base import tensor_name
 from leank.runtime.gguf.reader import GGUFFile
@@ -26,6 +27,11 @@ EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
 
 # Tokens pushed through the feed-forward at once during a long prefill: bounds the working set.
 FFN_CHUNK_TOKENS = 2048
+
+# Decode steps of up to this many sequences run as one ggml program on a CPU (`CpuDecodeStep`); each
+# batch size seen gets its own: ~(n_layers dim + 5 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a row (the residual
+# stream of every layer, one segment's scratch, q|k|v), ~0.3 MiB a row on the 1.5B Qwen2.5-Coder.
+CPU_STEP_MAX_ROWS = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,9 +55,12 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, rope: RopeTables):
         """Project and rotate: q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
-        a = self.args
         B, T, _ = x.shape
-        qkv = self.wqkv(x)
+        return self.rotate(self.wqkv(x), B, T, rope)
+
+    def rotate(self, qkv: torch.Tensor, B: int, T: int, rope: RopeTables):
+        """q, k, v from the projected (B, T, q | k | v) rows: split, normalized (qk_norm), rotated."""
+        a = self.args
         v = qkv[..., self.q_size + self.kv_size :].view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         if self.q_norm is None:
             # q and k heads rotate together: one RoPE pass instead of two (decoding is bound by op count)
@@ -113,6 +122,7 @@ class Transformer(nn.Module):
         self.norm = torch.empty(0)
         self.output: Linear | None = None
         self.rope: Rope | None = None
+        self._cpu_steps: dict[int, CpuDecodeStep | None] = {}  # rows -> its program (None: not eligible)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if isinstance(self.tok_embeddings, CudaQuantLinear):  # ids checked on the host, except inside a capture
@@ -127,6 +137,9 @@ class Transformer(nn.Module):
         `logits_for`: "last" (the next-token distribution only), "all" (one row per position) or
         "none" (hidden states after the final norm, (B, T, dim), for training and calibration).
         """
+        step = self._cpu_step(tokens, logits_for)
+        if step is not None:
+            return step.forward(tokens, cache)
         B, T = tokens.shape
         # sequences at their own lengths, one token each (the server; a captured step: a device tensor)
         positions = getattr(cache, "positions", None)
@@ -140,6 +153,174 @@ class Transformer(nn.Module):
         if logits_for == "none":
             return x
         return self.output(x).float()
+
+
+    def _cpu_step(self, tokens: torch.Tensor, logits_for: str) -> CpuDecodeStep | None:
+        """The ggml program for a CPU decode step of these `tokens` (one per sequence), or None."""
+        B, T = tokens.shape
+        if T != 1 or B > CPU_STEP_MAX_ROWS or logits_for == "none" or self.device.type != "cpu":
+            return None
+        if B not in self._cpu_steps:
+            self._cpu_steps[B] = CpuDecodeStep.build(self, B)
+        return self._cpu_steps[B]
+
+
+class CpuDecodeStep:
+    """A CPU decode step of `rows` sequences as one ggml program (`ggml_cpu.Program`): n_layers + 1
+    graphs a step instead of four products, two norms and a dozen torch operations a layer.
+
+    Segment 0: the first layer's RMSNorm and q|k|v products (and biases); segment l (1 <= l < n_layers):
+    layer l-1's attention output product, residual add, RMSNorm, gate and up products, SwiGLU, down
+    product, residual add, then layer l's RMSNorm and q|k|v; the last segment ends layer n-1 with the
+    final norm and the logits. Between segments torch splits and rotates q|k|v (`Attention.rotate`) and
+    the cache appends and attends, exactly as `Transformer.forward`; the residual stream stays in the
+    program's memory. On SmolLM2 (30 layers) a step was 121 one-node graphs, each a build, a plan and a
+    wake-up of ggml's workers, and ~20 torch operations a layer (bench/RESULTS.md, issue 16)."""
+
+    SLOT_X, SLOT_ATTN, SLOT_QKV, SLOT_LOGITS, SLOT_POS = range(5)
+
+    def __init__(self, model: Transformer, rows: int):
+        a = model.args
+        self.model, self.rows = model, rows
+        self.q_size, self.kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        width = self.q_size + 2 * self.kv_size
+        self.vocab = model.output.out_features
+        self._cols: dict[int, int] = {}  # product node -> its columns
+        P = self.program = ggml_cpu.Program(max_nodes=40 * a.n_layers + 64, max_segments=a.n_layers + 1, slots=5)
+        # every layer's q|k|v rows: the cache copies k and v in `append` and reads q in `attend` before the
+        # next segment writes them again
+        self.qkv = torch.empty(rows, width)
+        # RoPE (and q/k norms) in the program where ggml computes what `Rope` does; else torch's `Attention.rotate`
+        self.rope = ggml_rope_args(a, model.rope)
+        self.positions = torch.zeros(rows, dtype=torch.int32)
+        pos = P.input_i32(self.SLOT_POS, rows)
+        x = P.input(self.SLOT_X, a.dim, rows)
+        for i, block in enumerate(model.layers):
+            if i:
+                x = self._finish_layer(model.layers[i - 1], x)
+            xn = P.rms_norm(x, block.attn_norm, a.norm_eps)
+            q, k, v = self._product(block.attention.wqkv, xn)
+            if self.rope is not None:
+                att = block.attention
+                q = self._rotated(q, a.n_heads, att.q_norm, pos)
+                k = self._rotated(k, a.n_kv_heads, att.k_norm, pos)
+            for node, col in ((q, 0), (k, self.q_size), (v, self.q_size + self.kv_size)):
+                P.bind(node, self.SLOT_QKV, ld=width, col=col)
+            P.end_segment()
+        x = self._finish_layer(model.layers[-1], x)
+        xn = P.rms_norm(x, model.norm, a.norm_eps)
+        col = 0
+        for node in self._product(model.output, xn):
+            P.bind(node, self.SLOT_LOGITS, ld=self.vocab, col=col)
+            col += self._cols[node]
+        P.end_segment()
+        P.finish()
+        self.ptrs = P.pointers()
+        # q (B, Hq, 1, D), k and v (B, Hkv, 1, D): views of the q|k|v rows, as Attention.rotate gives them
+        qs, kvs, D, t = self.q_size, self.kv_size, a.head_dim, self.qkv
+        self.views = (t[:, :qs].view(rows, 1, a.n_heads, D).transpose(1, 2),
+                      t[:, qs : qs + kvs].view(rows, 1, a.n_kv_heads, D).transpose(1, 2),
+                      t[:, qs + kvs :].view(rows, 1, a.n_kv_heads, D).transpose(1, 2))
+
+    def _product(self, lin: QuantLinear, x: int) -> list[int]:
+        """x times each part of `lin`, its bias added: one node per part."""
+        nodes, col = [], 0
+        for node, (blocks, _) in zip(self.program.matmul(lin._ggml, x), lin.parts):
+            n = blocks.shape[0]
+            if lin.bias is not None:
+                node = self.program.add(node, self.program.constant(lin.bias[col : col + n]))
+            self._cols[node] = n
+            nodes.append(node)
+            col += n
+        return nodes
+
+    def _rotated(self, x: int, heads: int, norm: torch.Tensor | None, pos: int) -> int:
+        """q or k (rows, heads * head_dim) RMS-normalized per head (qk_norm) and rotated at the positions."""
+        P, a = self.program, self.model.args
+        x = P.reshape(x, self.rows, heads, a.head_dim)
+        if norm is not None:
+            x = P.rms_norm(x, norm, a.norm_eps)
+        return P.rope(x, pos, a.head_dim, **self.rope)
+
+    def _finish_layer(self, block: Block, x: int) -> int:
+        """The rest of `block` after its attention (read from SLOT_ATTN): the new residual stream."""
+        P, eps = self.program, block.eps
+        (o,) = self._product(block.attention.wo, P.input(self.SLOT_ATTN, self.q_size, self.rows))
+        h = P.add(x, o)
+        gate, up = self._product(block.feed_forward.w_gate_up, P.rms_norm(h, block.ffn_norm, eps))
+        (down,) = self._product(block.feed_forward.w_down, P.swiglu(gate, up))
+        return P.add(h, down)
+
+    @staticmethod
+    def eligible(model: Transformer) -> bool:
+        """Every matrix multiplied by ggml, in float32 on a CPU, and the program not switched off
+        (LEANK_GGML_PROGRAM=0)."""
+        if model.device.type != "cpu" or model.dtype != torch.float32 or cpu_kernels.switched_off("LEANK_GGML_PROGRAM"):
+            return False
+        a = model.args
+        lins = [model.output]
+        for b in model.layers:
+            lins += [b.attention.wqkv, b.attention.wo, b.feed_forward.w_gate_up, b.feed_forward.w_down]
+        if not all(isinstance(m, QuantLinear) and m.kernel == "ggml" for m in lins):
+            return False
+        gu = [b.feed_forward.w_gate_up.parts for b in model.layers]
+        qkv = [[blocks.shape[0] for blocks, _ in b.attention.wqkv.parts] for b in model.layers]
+        return (all(len(p) == 2 and p[0][0].shape[0] == p[1][0].shape[0] == a.ffn_dim for p in gu)
+                and all(rows == [a.n_heads * a.head_dim] + [a.n_kv_heads * a.head_dim] * 2 for rows in qkv))
+
+    @classmethod
+    def build(cls, model: Transformer, rows: int) -> CpuDecodeStep | None:
+        return cls(model, rows) if cls.eligible(model) else None
+
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new token per sequence, as `Transformer.forward`."""
+        m, P, ptrs = self.model, self.program, self.ptrs
+        B, T = tokens.shape
+        positions = getattr(cache, "positions", None)  # as Transformer.forward
+        if self.rope is None:
+            rope = m.rope.tables(cache.seq_len, T) if positions is None else m.rope.tables_at(positions)
+        elif positions is None:
+            self.positions.fill_(cache.seq_len)
+        else:
+            self.positions.copy_(torch.tensor(positions, dtype=torch.int32))
+        threads = torch.get_num_threads()
+        x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
+        ptrs[self.SLOT_X] = x.data_ptr()
+        ptrs[self.SLOT_POS] = self.positions.data_ptr()
+        ptrs[self.SLOT_QKV] = self.qkv.data_ptr()
+        P.run(0, ptrs, threads)
+        n = len(m.layers)
+        logits = torch.empty(B, T, self.vocab)
+        for i in range(n):
+            if self.rope is None:
+                q, k, v = m.layers[i].attention.rotate(self.qkv.view(B, T, -1), B, T, rope)
+            else:  # rotated by the program: views of its rows, made once
+                q, k, v = self.views
+            cache.append(i, k, v)
+            out = cache.attend(i, q)  # (B, Hq, 1, D): contiguous, it is (B, Hq * D) as it lies
+            if out.dtype != torch.float32 or not out.is_contiguous():
+                out = out.float().contiguous()
+            ptrs[self.SLOT_ATTN] = out.data_ptr()
+            if i + 1 == n:
+                ptrs[self.SLOT_LOGITS] = logits.data_ptr()
+            P.run(i + 1, ptrs, threads)
+        return logits
+
+
+def ggml_rope_args(args: ModelArgs, rope: Rope) -> dict | None:
+    """`rope`'s rotation as ggml_rope_ext's parameters (`ggml_cpu.Program.rope`), or None when it has none:
+    the same frequencies (rope_freqs as ggml's freq factors), linear and YaRN scaling, in float32 angles
+    as llama.cpp computes them (leank's tables are float64: ~1e-3 rad apart at 30K positions)."""
+    if args.rope_dims != args.head_dim or rope.mode not in ("interleaved", "neox"):
+        return None
+    s, d = args.rope_scaling, args.rope_dims
+    plain = args.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    factors = plain / rope.inv_freq
+    yarn = s.kind == "yarn"
+    return dict(neox=rope.mode == "neox", freq_base=args.rope_base, freq_scale=rope.freq_scale,
+                ext_factor=s.yarn_ext_factor if yarn else 0.0, attn_factor=s.yarn_attn_factor if yarn else 1.0,
+                beta_fast=s.yarn_beta_fast, beta_slow=s.yarn_beta_slow, n_ctx_orig=s.original_context or args.context_length,
+                freq_factors=None if torch.equal(factors, torch.ones_like(factors)) else factors.float())
 
 
 def load_transformer(f: GGUFFile, args: ModelArgs, device: torch.device, dtype: torch.dtype,

@@ -282,7 +282,7 @@ class CpuDecodeStep:
         elif positions is None:
             self.positions.fill_(cache.seq_len)
         else:
-            self.positions.copy_(torch.tensor(positions, dtype=torch.int32))
+            self.positions.copy_(positions if torch.is_tensor(positions) else torch.tensor(positions, dtype=torch.int32))
         threads = torch.get_num_threads()
         x = m.embed(tokens).reshape(B, m.args.dim).float().contiguous()
         ptrs[self.SLOT_X] = x.data_ptr()

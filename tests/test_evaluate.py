@@ -128,8 +128,8 @@ def test_cli_eval_writes_table_and_json(tiny, tmp_path, leank_cli):
 
 
 def test_cli_eval_errors_are_one_line(tiny, leank_cli):
-    r = leank_cli("eval", str(tiny.path), "--policy", "kivi5")
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "kivi5" in r.stderr
+    r = leank_cli("eval", str(tiny.path), "--policy", "kivi5")  # a malformed SPEC: a usage error
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "kivi5" in r.stderr
     r = leank_cli("eval", str(tiny.path), "--length", "99999")
     assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr
 

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -201,11 +202,15 @@ def _supported(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, ful
 
 # fields of one (sequence, KV head) row of the table leank_attend_layer reads (see cpu_decode.c)
 _FIELDS = 10
+# id(a layer's first MiddleGroup) -> (weak reference to it, buffer addresses, table): the kernel's state
+# kept here, not on the reference layout
+_TABLES: dict = {}
 
 
 def _heads_table(groups, B: int, Hkv: int, middle_len: int):
-    """The per-head table of middle-region addresses. It is kept on the layer's first group and rebuilt
-    only when a buffer moved (buffers grow geometrically: almost every decode step reuses it)."""
+    """The per-head table of middle-region addresses. It is kept per layer (keyed by the layer's first
+    group, dropped with it) and rebuilt only when a buffer moved (buffers grow geometrically: almost every
+    decode step reuses it)."""
     if not middle_len or not groups:
         key = (B, Hkv)
         zeros = _state.setdefault("zeros", {})
@@ -214,9 +219,10 @@ def _heads_table(groups, B: int, Hkv: int, middle_len: int):
         return zeros[key]
     key = (B, Hkv) + tuple(t.data_ptr() if t is not None else 0
                            for g in groups for t in (g.k, g.v, g.k_scale, g.k_min, g.v_scale, g.v_min))
-    cached = groups[0].cpu_table
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    first = groups[0]
+    cached = _TABLES.get(id(first))
+    if cached is not None and cached[0]() is first and cached[1] == key:
+        return cached[2]
     rows = [[0] * _FIELDS for _ in range(B * Hkv)]
     for g in groups:
         c = g.channels.shape[1]
@@ -231,7 +237,9 @@ def _heads_table(groups, B: int, Hkv: int, middle_len: int):
                     0 if g.v_scale is None else _ptr(g.v_scale, b, i),
                     0 if g.v_min is None else _ptr(g.v_min, b, i)]
     table = (ctypes.c_int64 * (B * Hkv * _FIELDS))(*(x for row in rows for x in row))
-    groups[0].cpu_table = (key, table)
+    if id(first) not in _TABLES:
+        weakref.finalize(first, _TABLES.pop, id(first), None)
+    _TABLES[id(first)] = (weakref.ref(first), key, table)
     return table
 
 

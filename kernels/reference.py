@@ -12,7 +12,7 @@ One softmax spans both regions; partial results merge by log-sum-exp.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class MiddleGroup:
     k_min: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     v_min: torch.Tensor | None = None
-    cpu_table: object = field(default=None, repr=False, compare=False)  # kernels.cpu's cached addresses
 
     @property
     def n_channels(self) -> int:

@@ -362,6 +362,18 @@ static void partial(const Head *h, int t0, int t1, float *restrict m_out, float 
 
 #define MAX_ITEMS 4096
 
+/* The bit widths (when a middle region exists) and every head's kept-channel count of a layer's table. */
+static int heads_ok(int M, int k_bits, int v_bits, const int64_t *heads, int BH, int D) {
+    if (M > 0 && !((k_bits == 2 || k_bits == 4 || k_bits == 8 || k_bits == 16) &&
+                   (v_bits == 2 || v_bits == 4 || v_bits == 8 || v_bits == 16)))
+        return 0;
+    for (int i = 0; i < BH; i++) {
+        int64_t c = heads[(int64_t)i * H_FIELDS + H_C];
+        if (c < 0 || c > D) return 0;
+    }
+    return 1;
+}
+
 /* Decode attention of one layer: every sequence b < B and KV head h < Hkv, R query rows each.
    q, out: (B, Hkv, R, D) float32 contiguous. Full region: K/V element (b, h, t, d) at
    b*sb + h*sh + t*st + d elements from fk/fv, float16 when `half` (as are unquantized middle rows).
@@ -376,14 +388,8 @@ int leank_attend_layer(const float *q, float *out, int B, int Hkv, int R, int D,
     if (B <= 0 || Hkv <= 0 || R <= 0 || R > 64 || D <= 0 || D > MAX_D || D % 8 || F < 0 || M < 0 || G <= 0 ||
         G % 8 || M % G || D % G || D / G > 64 || F + M <= 0)
         return -1;
-    if (M > 0 && !((k_bits == 2 || k_bits == 4 || k_bits == 8 || k_bits == 16) &&
-                   (v_bits == 2 || v_bits == 4 || v_bits == 8 || v_bits == 16)))
-        return -1;
+    if (!heads_ok(M, k_bits, v_bits, heads, B * Hkv, D)) return -1;
     const int BH = B * Hkv;
-    for (int i = 0; i < BH; i++) {
-        int64_t c = heads[(int64_t)i * H_FIELDS + H_C];
-        if (c < 0 || c > D) return -1;
-    }
     /* chunks per head: enough to give every thread work, none shorter than 256 tokens */
     int nt = threads < 1 ? 1 : threads;
     int per = 1;
@@ -473,14 +479,8 @@ int leank_attend_chunk(const float *q, float *out, int B, int Hkv, int R, int T,
     if (B <= 0 || Hkv <= 0 || R <= 0 || R > 256 || T <= 0 || T > F || D <= 0 || D > MAX_D || D % 8 || M < 0 ||
         G <= 0 || G % 8 || M % G || D % G || D / G > 64)
         return -1;
-    if (M > 0 && !((k_bits == 2 || k_bits == 4 || k_bits == 8 || k_bits == 16) &&
-                   (v_bits == 2 || v_bits == 4 || v_bits == 8 || v_bits == 16)))
-        return -1;
+    if (!heads_ok(M, k_bits, v_bits, heads, B * Hkv, D)) return -1;
     const int BH = B * Hkv;
-    for (int i = 0; i < BH; i++) {
-        int64_t c = heads[(int64_t)i * H_FIELDS + H_C];
-        if (c < 0 || c > D) return -1;
-    }
     int nt = threads < 1 ? 1 : threads;
     /* blocks per head: at least two items a thread where the tokens allow, at most 256 rows a block */
     int nb = 1;

@@ -102,8 +102,11 @@ def test_no_import_cycle_between_modules():
 
 def test_the_c_kernels_accept_exactly_the_python_bit_widths():
     source = (ROOT / "kernels" / "cpu_decode.c").read_text()
+    checks = source.split("static int heads_ok(")[1].split("\n}")[0]  # both attention entry points call it
+    for entry in ("int leank_attend_layer(", "int leank_attend_chunk("):
+        assert "heads_ok(" in source.split(entry)[1].split("\n}")[0], entry
     for side in ("k_bits", "v_bits"):
-        accepted = {int(b) for b in re.findall(rf"\b{side} == (\d+)", source.split("int leank_attend_layer(")[-1])}
+        accepted = {int(b) for b in re.findall(rf"\b{side} == (\d+)", checks)}
         assert accepted == set(BITS), f"cpu_decode.c accepts {side} in {sorted(accepted)}, Python in {BITS}"
     quant_c = (ROOT / "kernels" / "cpu_quant.c").read_text()
     packable = {int(b) for b in re.findall(r"\bbits == (\d+)", quant_c.split("static int check(")[1].split("}")[0])}

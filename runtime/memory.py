@@ -164,6 +164,9 @@ def working_set_nbytes(args, context: int, *, rows: int | None = None, batch: in
              + batch 3 V 4                     logits and sampling's softmax and sorted copies
              + 2 Hq S 4                        one sequence's attention scores and weights
              + `decoded_matrix` when batch > QUANT_DIRECT_ROWS
+             + batch (n_layers dim + 5 dim + 3 F + 2 (Hq + 2 Hkv) D) 4   a CPU's decode program
+                                               (e = 4; `model.transformer.CpuDecodeStep`: every layer's
+                                               residual stream, one segment's scratch, q|k|v)
 
     Checked on the 135M default model on a CPU at 8192 tokens, against the tensors alive at the peak
     (counted with a torch dispatch hook): a whole-context prompt, dense, 139 MiB (estimate 233 MiB);
@@ -187,6 +190,8 @@ def working_set_nbytes(args, context: int, *, rows: int | None = None, batch: in
                + a.vocab_size * 4)
     decode = (batch * (4 * a.dim + 2 * (Hq + 2 * Hkv) * D + 2 * Hq * D + 3 * F) * e + batch * 3 * a.vocab_size * 4
               + 2 * Hq * S * 4 + (decoded_matrix if batch > QUANT_DIRECT_ROWS else 0))
+    if e == 4:  # a float32 CPU model decodes through one ggml program per batch size
+        decode += batch * (a.n_layers * a.dim + 5 * a.dim + 3 * F + 2 * (Hq + 2 * Hkv) * D) * 4
     return max(prefill, decode)
 
 

@@ -47,11 +47,6 @@ def graph_step(transformer, cache) -> "GraphStep | None":
     return step or None
 
 
-def forget(cache) -> None:
-    """Drop `cache`'s captured step (its graph and memory pool)."""
-    _STEPS.pop(cache, None)
-
-
 class _StepView:
     """What the transformer sees during a captured step: the cache's device-length calls."""
 
@@ -66,18 +61,22 @@ class _StepView:
         return self.cache.static_attend(layer, q, self.full_lens, self.middle_lens, self.with_middle)
 
 
-def fill_meta(cache, meta: torch.Tensor) -> bool:
-    """Write the cache's host lengths into `meta` (3, B) int64: per row the full-region index the new
-    token goes to, its position, the middle region's length. Returns whether the middle holds tokens."""
+def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool, int]:
+    """Before a step: room in the cache's buffers and the RoPE tables for one more token, and the cache's
+    host lengths into `meta` (3, B) int64: per row the full-region index the new token goes to, its
+    position, the middle region's length. Returns (a cache buffer changed, the middle holds tokens, tokens
+    the cache holds)."""
+    changed = cache.static_prepare()
     full, middle = cache.static_lengths()
     meta[0].fill_(full)
     meta[1].fill_(full + middle)
     meta[2].fill_(middle)
-    return middle > 0
+    transformer.rope.reserve(full + middle + 1)
+    return changed, middle > 0, full + middle
 
 
 def static_forward(transformer, cache, tokens: torch.Tensor, meta: torch.Tensor, with_middle: bool) -> torch.Tensor:
-    """One step through the cache's device-length calls: tokens (B, 1) and `meta` (`fill_meta`) on the
+    """One step through the cache's device-length calls: tokens (B, 1) and `meta` (`begin_step`) on the
     model's device -> logits (B, vocab) float32. Reads nothing on the host: capturable."""
     at, pos, mid = meta[0], meta[1], meta[2]
     view = _StepView(cache, pos, at, (at + 1).to(torch.int32), mid.to(torch.int32), with_middle)
@@ -87,12 +86,9 @@ def static_forward(transformer, cache, tokens: torch.Tensor, meta: torch.Tensor,
 @torch.inference_mode()
 def static_step(transformer, cache, tokens: torch.Tensor) -> torch.Tensor:
     """What one replay does, op by op, on any device (tests compare it with the ordinary step)."""
-    cache.static_prepare()
     dev = transformer.device
     meta = torch.zeros(3, cache.batch, dtype=torch.long)
-    with_middle = fill_meta(cache, meta)
-    full, middle = cache.static_lengths()
-    transformer.rope.reserve(full + middle + 1)
+    _, with_middle, _ = begin_step(transformer, cache, meta)
     logits = static_forward(transformer, cache, tokens.reshape(-1, 1).to(dev), meta.to(dev), with_middle)
     cache.static_advance()
     return logits
@@ -118,7 +114,7 @@ class GraphStep:
 
     def signature(self) -> tuple:
         """The cache's buffers and the RoPE tables the step indexes (each may grow between steps)."""
-        return self.cache.static_signature() + (self.transformer.rope._cos.data_ptr(),)
+        return self.cache.static_signature() + (self.transformer.rope.data_ptr(),)
 
     def _forward(self, with_middle: bool) -> torch.Tensor:
         return static_forward(self.transformer, self.cache, self.tokens, self._meta, with_middle)
@@ -145,20 +141,18 @@ class GraphStep:
         tokens = tokens.reshape(-1, 1)
         if not tokens.is_cuda and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
             raise IndexError(f"token id out of range [0, {self.vocab})")
-        changed = cache.static_prepare()
         self._copied.synchronize()
-        self._with_middle = fill_meta(cache, self._meta_host)
-        full, middle = cache.static_lengths()
-        rope = self.transformer.rope
-        rope.reserve(full + middle + 1)
-        changed |= rope._cos.data_ptr() != self._rope_ptr  # the tables grew: the graph indexes the old ones
-        self._rope_ptr = rope._cos.data_ptr()
+        changed, self._with_middle, seq = begin_step(self.transformer, cache, self._meta_host)
+        # the tables are the transformer's: any cache's prompt may have grown them since the last step
+        rope = self.transformer.rope.data_ptr()
+        changed |= rope != self._rope_ptr
+        self._rope_ptr = rope
         self._meta.copy_(self._meta_host, non_blocking=True)
         self._copied.record()
         self.tokens.copy_(tokens, non_blocking=True)
         # what the graph was captured over can only have changed if a buffer grew, blocks moved, or tokens
         # came another way (a prompt, a truncation): the signature (~600 pointers) is read only then
-        if changed or self._moved or full + middle != self._expected:
+        if changed or self._moved or seq != self._expected:
             self._current = (self._with_middle, self.signature())
         signature = self._current
         if signature != self._signature:
@@ -172,7 +166,7 @@ class GraphStep:
                 raise CaptureFailed from e
         self.graph.replay()
         self._moved = cache.static_advance()
-        self._expected = full + middle + 1
+        self._expected = seq + 1
         return self.logits
 
 

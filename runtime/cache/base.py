@@ -105,6 +105,13 @@ def grow(buf: torch.Tensor | None, used: int, needed: int, shape_fn, dim: int) -
     return new
 
 
+def write_token(buf: torch.Tensor, at: torch.Tensor, x: torch.Tensor) -> None:
+    """buf[:, :, at] = x for one token x (B, H, 1, D) of every row, `at` (B,) int64 on the device (every row
+    of these caches holds the same length: row 0's index serves all). One kernel, no host read: a
+    captured step's append (`leank.runtime.graph`)."""
+    buf.index_copy_(2, at[:1], x.to(buf.dtype))
+
+
 def kv_dtype(device, dtype: torch.dtype) -> torch.dtype:
     """What a cache stores unquantized K and V in: float16 for a float32 model on a CPU, else the compute
     dtype. float16 halves the bytes of float32, and is what llama.cpp's default f16 cache and a GPU user

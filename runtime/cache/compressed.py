@@ -27,7 +27,8 @@ import torch
 from leank.kernels import dispatch
 from leank.kernels.quant import hadamard, packed_width
 from leank.kernels.reference import MiddleGroup, gather_channels
-from leank.runtime.cache.base import QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow, kv_dtype
+from leank.runtime.cache.base import (QUERY_CHUNK, CacheBytes, KVCache, causal_attention, grow, kv_dtype,
+                                     write_token)
 from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.policy import CachePolicy
 
@@ -100,6 +101,12 @@ class CompressedCache(KVCache):
         self.layers = [_Layer() for _ in range(self.n_layers)]
 
     @property
+    def _steady_tokens(self) -> int:
+        """The full region's working size in decoding: sink, recent window and two blocks."""
+        p = self.policy
+        return p.sink_tokens + p.recent_tokens + 2 * p.block_tokens
+
+    @property
     def seq_len(self) -> int:
         last = self.layers[-1]
         return last.full_len + last.middle_len
@@ -150,8 +157,7 @@ class CompressedCache(KVCache):
     def static_prepare(self) -> bool:
         """Make the buffers a decode step writes hold the steady state, so that captures stay valid.
         Returns whether a buffer changed."""
-        p = self.policy
-        steady = p.sink_tokens + p.recent_tokens + 2 * p.block_tokens
+        steady = self._steady_tokens
         changed = False
         for st in self.layers:
             if st.full_k is None or st.full_k.shape[2] < steady:
@@ -162,9 +168,8 @@ class CompressedCache(KVCache):
         return changed
 
     def static_signature(self) -> tuple:
-        """What a captured step depends on: every buffer's address and size, and whether the middle
-        region is empty (the step then attends the full region only)."""
-        sig = [self.layers[0].middle_len > 0]
+        """What a captured step depends on: every buffer's address and size."""
+        sig = []
         for st in self.layers:
             sig += [st.full_k.data_ptr(), st.full_k.shape[2]]
             for g in st.groups:
@@ -183,9 +188,8 @@ class CompressedCache(KVCache):
             k = torch.matmul(k.to(self.dtype), self.rot_k[layer].unsqueeze(0))
             v = torch.matmul(v.to(self.dtype), self.rot_v)
         st = self.layers[layer]
-        rows = torch.arange(self.batch, device=self.device)
-        st.full_k[rows, :, at] = k[:, :, 0].to(st.full_k.dtype)
-        st.full_v[rows, :, at] = v[:, :, 0].to(st.full_v.dtype)
+        write_token(st.full_k, at, k)
+        write_token(st.full_v, at, v)
 
     def static_attend(self, layer: int, q: torch.Tensor, full_lens: torch.Tensor, middle_lens: torch.Tensor,
                       with_middle: bool) -> torch.Tensor:
@@ -260,7 +264,7 @@ class CompressedCache(KVCache):
             st.full_v[:, :, S : S + keep] = st.full_v[:, :, S + n : S + n + keep].clone()
         st.middle_len += n
         st.full_len = S + keep
-        steady = S + p.recent_tokens + 2 * p.block_tokens
+        steady = self._steady_tokens
         if st.full_k.shape[2] > 2 * steady:  # after a long prefill: give the dense working set back
             st.full_k = st.full_k[:, :, :steady].clone()
             st.full_v = st.full_v[:, :, :steady].clone()

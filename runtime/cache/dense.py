@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from leank.kernels import dispatch
-from leank.runtime.cache.base import CacheBytes, KVCache, causal_attention, grow, kv_dtype
+from leank.runtime.cache.base import CacheBytes, KVCache, causal_attention, grow, kv_dtype, write_token
 
 
 class DenseCache(KVCache):
@@ -64,9 +64,8 @@ class DenseCache(KVCache):
         return self.lengths[0], 0
 
     def static_append(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor) -> None:
-        rows = torch.arange(self.batch, device=self.device)
-        self.k[layer][rows, :, at] = k[:, :, 0].to(self.kv_dtype)
-        self.v[layer][rows, :, at] = v[:, :, 0].to(self.kv_dtype)
+        write_token(self.k[layer], at, k)
+        write_token(self.v[layer], at, v)
 
     def static_attend(self, layer: int, q: torch.Tensor, full_lens: torch.Tensor, middle_lens: torch.Tensor,
                       with_middle: bool) -> torch.Tensor:

@@ -105,6 +105,10 @@ class Rope:
         if n > self._cos.shape[0]:
             self._extend(max(n, 2 * self._cos.shape[0]))
 
+    def data_ptr(self) -> int:
+        """Where the tables are now (they move when they grow: a captured step must follow them)."""
+        return self._cos.data_ptr()
+
     def tables_at(self, positions) -> "RopeTables":
         """The rotation for one token per row at its own position (B,), shaped to broadcast over (B, 1, H, D).
 

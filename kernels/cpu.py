@@ -260,10 +260,7 @@ def compressed_attention(q: torch.Tensor, full_k: torch.Tensor, full_v: torch.Te
         return reference.compressed_attention(q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale,
                                               full_lens, middle_lens)
     out = torch.empty(q.shape, dtype=torch.float32)
-    if T == 1:
-        _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
-    else:
-        _attend_chunk(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
+    _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out)
     return out
 
 
@@ -286,39 +283,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def _attend(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out, threads=None) -> None:
-    """Write the attention of q (B, Hq, 1, D) into `out` (same shape, float32, contiguous)."""
-    B, Hq, _, D = q.shape
+    """Write the attention of the T query tokens q (B, Hq, T, D), the full region's last T tokens, into `out`
+    (same shape, float32, contiguous): `leank_attend_layer` for one token, `leank_attend_chunk` for more."""
+    B, Hq, T, D = q.shape
     Hkv, F = full_k.shape[1], full_k.shape[2]
     R = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qc = q.reshape(B, Hkv, R, D).contiguous()
+    qc = q.contiguous()  # (B, Hkv, R, T, D) in memory: query head h reads KV head h // R
     if not (out.is_contiguous() and out.dtype == torch.float32 and out.shape == q.shape):
         raise ValueError("out must be a contiguous float32 tensor shaped like q")
     table = _heads_table(groups, B, Hkv, middle_len)
     sb, sh, st, _ = full_k.stride()
-    rc = lib.leank_attend_layer(qc.data_ptr(), out.data_ptr(), B, Hkv, R, D, scale, full_k.data_ptr(), full_v.data_ptr(),
-                                int(full_k.dtype == torch.float16), sb, sh, st, F, middle_len, group, k_bits, v_bits, table,
-                                torch.get_num_threads() if threads is None else threads)
+    cache = (full_k.data_ptr(), full_v.data_ptr(), int(full_k.dtype == torch.float16), sb, sh, st, F, middle_len, group,
+             k_bits, v_bits, table, torch.get_num_threads() if threads is None else threads)
+    if T == 1:
+        rc, name = lib.leank_attend_layer(qc.data_ptr(), out.data_ptr(), B, Hkv, R, D, scale, *cache), "leank_attend_layer"
+    else:
+        rc, name = lib.leank_attend_chunk(qc.data_ptr(), out.data_ptr(), B, Hkv, R, T, D, scale, *cache), "leank_attend_chunk"
     if rc != 0:
-        raise RuntimeError(f"leank_attend_layer rejected its arguments (B={B}, Hkv={Hkv}, R={R}, D={D}, G={group})")
-
-
-def _attend_chunk(lib, q, full_k, full_v, groups, middle_len, k_bits, v_bits, group, scale, out, threads=None) -> None:
-    """Write the attention of the T query tokens q (B, Hq, T, D), the full region's last T tokens, into
-    `out` (same shape, float32, contiguous)."""
-    B, Hq, T, D = q.shape
-    Hkv, F = full_k.shape[1], full_k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qc = q.contiguous()  # (B, Hkv, R, T, D): query head h reads KV head h // R
-    if not (out.is_contiguous() and out.dtype == torch.float32 and out.shape == q.shape):
-        raise ValueError("out must be a contiguous float32 tensor shaped like q")
-    table = _heads_table(groups, B, Hkv, middle_len)
-    sb, sh, st, _ = full_k.stride()
-    rc = lib.leank_attend_chunk(qc.data_ptr(), out.data_ptr(), B, Hkv, Hq // Hkv, T, D, scale, full_k.data_ptr(),
-                                full_v.data_ptr(), int(full_k.dtype == torch.float16), sb, sh, st, F, middle_len, group,
-                                k_bits, v_bits, table, torch.get_num_threads() if threads is None else threads)
-    if rc != 0:
-        raise RuntimeError(f"leank_attend_chunk rejected its arguments (B={B}, Hkv={Hkv}, T={T}, D={D}, G={group})")
+        raise RuntimeError(f"{name} rejected its arguments (B={B}, Hkv={Hkv}, R={R}, T={T}, D={D}, G={group})")
 
 
 # --- KIVI quantization (cpu_quant.c), bit for bit quant.py ------------------------------------------------
@@ -414,36 +397,32 @@ def _as_planes(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*([1] * (4 - x.dim())), *x.shape)
 
 
-def quantize_k(k: torch.Tensor, bits: int, group: int):
-    """`quant.quantize_k` in C, bit for bit: K (..., T, C) float32 or float16 on CPU -> (codes, scale, min);
-    anything else goes to quant.py."""
-    *lead, T, C = k.shape
-    if (k.device.type != "cpu" or k.dtype not in (torch.float32, torch.float16) or bits not in (2, 4, 8) or T % group
-            or not 0 < C <= 1024 or library() is None):
-        return quant.quantize_k(k, bits, group)
-    x = _as_planes(k.contiguous())
-    B, H = x.shape[:2]
+def _quantized(x: torch.Tensor, bits: int, group: int, grouped: int, into, reference):
+    """`reference(x, bits, group)` (quant.quantize_k or _v) in C, bit for bit, x (..., T, C) float32 or
+    float16 on CPU; `grouped`: the axis the scales group (-2: tokens, K; -1: channels, V); `into`: the C
+    writer. Anything else goes to `reference`."""
+    *lead, T, C = x.shape
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16) or bits not in quant.PACKABLE_BITS
+            or x.shape[grouped] % group or not 0 < C <= 1024 or library() is None):
+        return reference(x, bits, group)
+    planes = _as_planes(x.contiguous())
+    B, H = planes.shape[:2]
+    tail = (T // group, C) if grouped == -2 else (T, C // group)
     codes = torch.empty(B, H, T, packed_width(C, bits), dtype=torch.uint8)
-    scale = torch.empty(B, H, T // group, C, dtype=torch.float16)
+    scale = torch.empty(B, H, *tail, dtype=torch.float16)
     mn = torch.empty_like(scale)
-    quantize_k_into(x, bits, group, codes, scale, mn)
-    return codes.view(*lead, T, -1), scale.view(*lead, T // group, C), mn.view(*lead, T // group, C)
+    into(planes, bits, group, codes, scale, mn)
+    return codes.view(*lead, T, -1), scale.view(*lead, *tail), mn.view(*lead, *tail)
+
+
+def quantize_k(k: torch.Tensor, bits: int, group: int):
+    """`quant.quantize_k` in C: K (..., T, C) -> (codes, scale, min), scales over groups of tokens."""
+    return _quantized(k, bits, group, -2, quantize_k_into, quant.quantize_k)
 
 
 def quantize_v(v: torch.Tensor, bits: int, group: int):
-    """`quant.quantize_v` in C, bit for bit: V (..., T, D) float32 or float16 on CPU -> (codes, scale, min);
-    anything else goes to quant.py."""
-    *lead, T, D = v.shape
-    if (v.device.type != "cpu" or v.dtype not in (torch.float32, torch.float16) or bits not in (2, 4, 8) or D % group
-            or not 0 < D <= 1024 or library() is None):
-        return quant.quantize_v(v, bits, group)
-    x = _as_planes(v.contiguous())
-    B, H = x.shape[:2]
-    codes = torch.empty(B, H, T, packed_width(D, bits), dtype=torch.uint8)
-    scale = torch.empty(B, H, T, D // group, dtype=torch.float16)
-    mn = torch.empty_like(scale)
-    quantize_v_into(x, bits, group, codes, scale, mn)
-    return codes.view(*lead, T, -1), scale.view(*lead, T, D // group), mn.view(*lead, T, D // group)
+    """`quant.quantize_v` in C: V (..., T, D) -> (codes, scale, min), scales over groups of channels."""
+    return _quantized(v, bits, group, -1, quantize_v_into, quant.quantize_v)
 
 
 # --- matrices in GGUF's quantized blocks -------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_chunk_matches_reference_into_poisoned_output(case, threads, kv_dtype):
     q = torch.randn(B, Hkv * R, T, D, generator=torch.Generator().manual_seed(T + 1))
     ref = reference.compressed_attention(q, fk, fv, groups, M, kb, vb, G, 0.11)
     out = torch.full(q.shape, float("nan"))
-    cpu._attend_chunk(LIB, q, fk, fv, groups, M, kb, vb, G, 0.11, out, threads=threads)
+    cpu._attend(LIB, q, fk, fv, groups, M, kb, vb, G, 0.11, out, threads=threads)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
 

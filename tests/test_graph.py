@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import leank
+from test_compressed_cache import random_mask  # tests/
 from leank.runtime import decode, graph
 from leank.runtime.cache.compressed import CompressedCache
 from leank.runtime.cache.dense import DenseCache
-from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.policy import CachePolicy
 
 POLICIES = {
@@ -25,16 +25,9 @@ def policy_for(name, args):
     if spec is None:
         return None
     spec = dict(spec)
-    if spec.pop("mask", False):
-        gen = torch.Generator().manual_seed(3)
-        kept = torch.zeros(args.n_layers, args.n_kv_heads, args.head_dim, dtype=torch.bool)
-        for layer in range(args.n_layers):
-            for h in range(args.n_kv_heads):
-                count = 16 * int(torch.randint(0, args.head_dim // 16 + 1, (1,), generator=gen))
-                kept[layer, h, torch.randperm(args.head_dim, generator=gen)[:count]] = True
-        kept[0, 0] = False  # a head that keeps nothing
-        kept[0, 1] = True
-        spec["mask"] = Mask(kept)
+    if spec.pop("mask", False):  # a head that keeps nothing, one that keeps everything, the rest random
+        spec["mask"] = random_mask(args.n_layers, args.n_kv_heads, args.head_dim, align=16,
+                                   generator=torch.Generator().manual_seed(3))
     return CachePolicy(sink_tokens=8, recent_tokens=16, block_tokens=16, **spec)
 
 

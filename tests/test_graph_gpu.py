@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import leank
+from test_compressed_cache import random_mask  # tests/
 from leank.runtime import decode, graph
-from leank.runtime.cache.mask import Mask
 from leank.runtime.cache.policy import CachePolicy
 
 pytestmark = [
@@ -46,15 +46,9 @@ def policy_for(name, args):
     if spec is None:
         return CachePolicy()
     spec = dict(spec)
-    if spec.pop("mask", False):
-        gen = torch.Generator().manual_seed(5)
-        kept = torch.zeros(args.n_layers, args.n_kv_heads, args.head_dim, dtype=torch.bool)
-        for layer in range(args.n_layers):
-            for h in range(args.n_kv_heads):
-                count = 16 * int(torch.randint(1, args.head_dim // 16 + 1, (1,), generator=gen))
-                kept[layer, h, torch.randperm(args.head_dim, generator=gen)[:count]] = True
-        kept[0, 0] = False
-        spec["mask"] = Mask(kept)
+    if spec.pop("mask", False):  # a head that keeps nothing, one that keeps everything, the rest random
+        spec["mask"] = random_mask(args.n_layers, args.n_kv_heads, args.head_dim, align=16,
+                                   generator=torch.Generator().manual_seed(5))
     return CachePolicy(sink_tokens=16, recent_tokens=64, block_tokens=64, **spec)
 
 

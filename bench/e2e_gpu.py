@@ -71,7 +71,8 @@ def make_cache(kind: str, policy, args, batch: int, dtype, capacity: int):
 
 
 @torch.inference_mode()
-def run(model, kind: str, policy, args, batch: int, context: int, steps: int, gen, engine: str = "graph") -> dict:
+def run(model, kind: str, policy, args, batch: int, context: int, steps: int, gen, engine: str = "graph",
+        profile: int = 0) -> dict:
     """Fill, then decode `steps` tokens greedily (argmax on the device, the tokens read back every step as a
     chat reads them); tokens/s over the timed steps and peak memory. `engine`: "graph" (one CUDA-graph
     replay a step, `leank.runtime.graph`) or "eager" (op by op)."""
@@ -79,7 +80,7 @@ def run(model, kind: str, policy, args, batch: int, context: int, steps: int, ge
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    cache = make_cache(kind, policy, args, batch, model.dtype, context + steps + 8)
+    cache = make_cache(kind, policy, args, batch, model.dtype, context + steps + profile + 8)
     t0 = time.time()
     fill(cache, args, context, gen)
     torch.cuda.synchronize()
@@ -97,13 +98,37 @@ def run(model, kind: str, policy, args, batch: int, context: int, steps: int, ge
         tokens.cpu()  # the one host sync a step
     torch.cuda.synchronize()
     dt = time.time() - t0
+    kernels = kernel_profile(lambda t: step(t) if step is not None else model(t, cache)[:, -1], tokens, profile) if profile else None
     out = dict(kind=kind, engine=engine, batch=batch, context=context, steps=steps, fill_seconds=fill_s,
                tokens_per_second=batch * steps / dt, ms_per_step=1000 * dt / steps,
                cache_gib=gib(cache_bytes), peak_gib=gib(torch.cuda.max_memory_allocated()),
                captures=step.captures if step is not None else 0,
                attention=getattr(getattr(cache, "ops", None), "name", "torch"))
+    if kernels is not None:
+        out["kernels"] = kernels
     del cache, logits, tokens, step
     return out
+
+
+def kernel_profile(step, tokens, n: int, top: int = 30) -> dict:
+    """The GPU time of `n` more steps by kernel (torch.profiler, CUPTI: kernels inside a graph replay are
+    recorded one by one): per step, the total and the `top` kernels (name, microseconds, launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            tokens = step(tokens).argmax(-1, keepdim=True)
+            tokens.cpu()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = e.cuda_time_total if us is None else us
+        if us > 0 and e.count:
+            rows.append((e.key, us / n, e.count / n))
+    rows.sort(key=lambda r: -r[1])
+    return dict(steps=n, gpu_us_per_step=sum(r[1] for r in rows),
+                top=[dict(name=k[:160], us_per_step=round(us, 1), per_step=round(c, 2)) for k, us, c in rows[:top]])
 
 
 def main() -> None:
@@ -119,6 +144,8 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=64.0, help="GPU memory budget for the largest batch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out", type=Path, default=Path("bench/out/e2e_gpu.json"))
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after each batch-1 run, profile N more steps by kernel (torch.profiler)")
     args_cli = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -139,7 +166,8 @@ def main() -> None:
     model = load_transformer(f, margs, torch.device("cuda"), dtype)
     from leank.kernels import tilelang_ops  # the block kernels compiled in parallel before any timing
 
-    tilelang_ops.precompile(tilelang_ops.gemv_specs({f.tensor_type_name(n) for n in f.tensors} & set(TYPES), dtype))
+    tilelang_ops.precompile(tilelang_ops.gemv_specs({f.tensor_type_name(n) for n in f.tensors} & set(TYPES), dtype)
+                            + tilelang_ops.step_specs(dtype, margs.rope_mode == "neox"))
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
     tensor_bytes = sum(t.n_bytes for t in f.tensors.values())
@@ -165,10 +193,16 @@ def main() -> None:
         engines = ["graph", "eager"] if args_cli.engine == "both" else [args_cli.engine]
         for context in contexts:
             for engine in engines:
-                one = run(model, kind, policy, margs, 1, context, args_cli.steps, gen, engine)
+                one = run(model, kind, policy, margs, 1, context, args_cli.steps, gen, engine, args_cli.profile)
                 one["role"] = "batch 1"
                 results.append(one)
+                kernels = one.pop("kernels", None)
                 console.print(one)
+                if kernels is not None:
+                    one["kernels"] = kernels
+                    console.print(f"GPU time per step {kernels['gpu_us_per_step']:.0f} us (wall {1000 * one['ms_per_step']:.0f} us):")
+                    for r in kernels["top"]:
+                        console.print(f"  {r['us_per_step']:8.1f} us  x{r['per_step']:<6g} {r['name'][:110]}")
         if args_cli.no_largest:
             continue
         per_seq = one["cache_gib"]

@@ -230,6 +230,35 @@ LEANK_HD void st8(__nv_bfloat16* p, const float* f) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<uint4*>(h);
 }
 LEANK_HD void st1(float* p, float v) { *p = v; }
+LEANK_HD float ld1(const float* p) { return *p; }
+LEANK_HD float ld1(const half* p) { return __half2float(*p); }
+LEANK_HD float ld1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+// v rounded to the type of the tag pointer (as torch stores a float result in a half-precision tensor)
+LEANK_HD float round_as(float v, const float*) { return v; }
+LEANK_HD float round_as(float v, const half*) { return __half2float(__float2half_rn(v)); }
+LEANK_HD float round_as(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+// float arithmetic rounded at every step, never contracted into an FMA (torch's elementwise kernels)
+LEANK_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  volatile float r = a * b; return r;
+#endif
+}
+LEANK_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  volatile float r = a + b; return r;
+#endif
+}
+LEANK_HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  volatile float r = a - b; return r;
+#endif
+}
 LEANK_HD void st1(half* p, float v) { *p = __float2half_rn(v); }
 LEANK_HD void st1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
@@ -260,12 +289,9 @@ LEANK_HD uint32_t vsub4(uint32_t a, uint32_t b) {
 // 4 bits b0..b3 -> bit 4 of bytes 0..3
 LEANK_HD uint32_t spread4(uint32_t bits) { return ((bits & 0xFu) * 0x00204081u & 0x01010101u) << 4; }
 
-// Activations quantized to 8 bits per group of 32 (scale amax / 127, codes rint(x / scale)): group g of
-// the flattened (M, K) rows -> xq[32 g .. 32 g + 31], xd[g]
-template <typename XT> LEANK_HD void quant_x_group(const XT* x, int8_t* xq, float* xd, int g) {
-  float v[32];
-#pragma unroll
-  for (int i = 0; i < 4; i++) x8(x + 32 * (size_t)g + 8 * i, v + 8 * i);
+// Activations quantized to 8 bits per group of 32 (scale amax / 127, codes rint(x / scale)): 32 values v ->
+// 32 codes at xq (16-byte aligned), their scale at *xd
+LEANK_HD void quant_32(const float* v, int8_t* xq, float* xd) {
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
@@ -278,10 +304,18 @@ template <typename XT> LEANK_HD void quant_x_group(const XT* x, int8_t* xq, floa
     for (int i = 0; i < 4; i++) word |= ((uint32_t)(int)rintf(v[4 * j + i] * id) & 0xFFu) << (8 * i);
     w[j] = word;
   }
-  uint4* o = reinterpret_cast<uint4*>(xq + 32 * (size_t)g);
+  uint4* o = reinterpret_cast<uint4*>(xq);
   o[0] = make_uint4(w[0], w[1], w[2], w[3]);
   o[1] = make_uint4(w[4], w[5], w[6], w[7]);
-  xd[g] = d;
+  *xd = d;
+}
+
+// group g of the flattened (M, K) rows -> xq[32 g .. 32 g + 31], xd[g]
+template <typename XT> LEANK_HD void quant_x_group(const XT* x, int8_t* xq, float* xd, int g) {
+  float v[32];
+#pragma unroll
+  for (int i = 0; i < 4; i++) x8(x + 32 * (size_t)g + 8 * i, v + 8 * i);
+  quant_32(v, xq + 32 * (size_t)g, xd + g);
 }
 
 // Each codes_ function gives a unit's weights as signed byte codes, 4 to a word, 16 to a run (cw[4 r ..
@@ -408,8 +442,40 @@ LEANK_HD void codes_Q6_K(const uint8_t* b, int u, int* cw, float* rs, float* rm,
 """
 
 GEMV = r"""
+// the dot products of one unit's codes with activation rows t < m: acc[t] += ...
+LEANK_HD void {name}_acc(const int* cw, const float* rs, const float* rm, const int* xoff, int blk, const int8_t* xq,
+                         const float* xd, int m, int K, float* acc) {{
+  using namespace leank_q;
+#pragma unroll
+  for (int t = 0; t < {maxm}; t++) {{
+    if (t < m) {{
+      const int8_t* xb = xq + (size_t)t * K + blk * {qk};
+      const float* db = xd + (size_t)t * (K / 32) + blk * ({qk} / 32);
+      float s = 0.0f;
+#pragma unroll
+      for (int r = 0; r < {runs}; r++) {{
+        const uint4 xv = *reinterpret_cast<const uint4*>(xb + xoff[r]);
+        const int xw[4] = {{(int)xv.x, (int)xv.y, (int)xv.z, (int)xv.w}};
+        int is = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) is = dp4a(cw[4 * r + j], xw[j], is);
+        float f = rs[r] * (float)is;
+        if ({has_min}) {{
+          int xs = 0;
+#pragma unroll
+          for (int j = 0; j < 4; j++) xs = dp4a(0x01010101, xw[j], xs);
+          f = fmaf(rm[r], (float)xs, f);
+        }}
+        s = fmaf(db[xoff[r] >> 5], f, s);
+      }}
+      acc[t] += s;
+    }}
+  }}
+}}
+
 // lane `lane`'s share of row `row`: acc[t] = sum over the lane's units of xq[t] . W[row] (t < m <= MAXM),
-// activations quantized by quant_x_group (xq codes, xd scales per 32)
+// activations quantized by quant_x_group (xq codes, xd scales per 32). Two units at a time: both units'
+// loads are issued before either's arithmetic (twice the bytes in flight per lane), summed in unit order.
 LEANK_HD void {name}_lane(const void* wp, const int8_t* xq, const float* xd, int m, int K, int row_bytes, int row,
                           int lane, float* acc) {{
   using namespace leank_q;
@@ -417,60 +483,143 @@ LEANK_HD void {name}_lane(const void* wp, const int8_t* xq, const float* xd, int
   const int n_units = (K / {qk}) * {upb};
 #pragma unroll
   for (int t = 0; t < {maxm}; t++) acc[t] = 0.0f;
-  for (int u = lane; u < n_units; u += 32) {{
+  int u = lane;
+  for (; u + 32 < n_units; u += 64) {{
+    const int ba = u / {upb}, bb = (u + 32) / {upb};
+    int cwa[4 * {runs}], xoa[{runs}], cwb[4 * {runs}], xob[{runs}];
+    float rsa[{runs}], rma[{runs}], rsb[{runs}], rmb[{runs}];
+    codes_{tname}(wr + (size_t)ba * {bytes}, u % {upb}, cwa, rsa, rma, xoa);
+    codes_{tname}(wr + (size_t)bb * {bytes}, (u + 32) % {upb}, cwb, rsb, rmb, xob);
+    {name}_acc(cwa, rsa, rma, xoa, ba, xq, xd, m, K, acc);
+    {name}_acc(cwb, rsb, rmb, xob, bb, xq, xd, m, K, acc);
+  }}
+  if (u < n_units) {{
     const int blk = u / {upb};
     int cw[4 * {runs}], xoff[{runs}];
     float rs[{runs}], rm[{runs}];
     codes_{tname}(wr + (size_t)blk * {bytes}, u % {upb}, cw, rs, rm, xoff);
-#pragma unroll
-    for (int t = 0; t < {maxm}; t++) {{
-      if (t < m) {{
-        const int8_t* xb = xq + (size_t)t * K + blk * {qk};
-        const float* db = xd + (size_t)t * (K / 32) + blk * ({qk} / 32);
-        float s = 0.0f;
-#pragma unroll
-        for (int r = 0; r < {runs}; r++) {{
-          const uint4 xv = *reinterpret_cast<const uint4*>(xb + xoff[r]);
-          const int xw[4] = {{(int)xv.x, (int)xv.y, (int)xv.z, (int)xv.w}};
-          int is = 0;
-#pragma unroll
-          for (int j = 0; j < 4; j++) is = dp4a(cw[4 * r + j], xw[j], is);
-          float f = rs[r] * (float)is;
-          if ({has_min}) {{
-            int xs = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) xs = dp4a(0x01010101, xw[j], xs);
-            f = fmaf(rm[r], (float)xs, f);
-          }}
-          s = fmaf(db[xoff[r] >> 5], f, s);
-        }}
-        acc[t] += s;
-      }}
-    }}
+    {name}_acc(cw, rs, rm, xoff, blk, xq, xd, m, K, acc);
   }}
 }}
 
 #ifdef __CUDACC__
-// y[t * ldy + col0 + row] = xq[t] . W[row] for t < m: one warp per row, lanes summed by shuffles
-__device__ __forceinline__ void {name}(const void* wp, const void* xqp, const void* xdp, void* yp, int n_rows, int m,
-                                        int K, int row_bytes, int ldy, int col0, int row, int lane) {{
+// y[t * ldy + col0 + row] = r[t * ldr + col0 + row] (if add) + xq[t] . W[row] for t < m: one warp per row,
+// lanes summed by shuffles. r: a residual (ldr = ldy) or a bias (ldr = 0)
+__device__ __forceinline__ void {name}(const void* wp, const void* xqp, const void* xdp, void* yp, const void* rp,
+                                        int n_rows, int m, int K, int row_bytes, int ldy, int ldr, int add, int col0,
+                                        int row, int lane) {{
   using namespace leank_q;
   if (row >= n_rows) return;
   float acc[{maxm}];
   {name}_lane(wp, reinterpret_cast<const int8_t*>(xqp), reinterpret_cast<const float*>(xdp), m, K, row_bytes, row,
               lane, acc);
   {yt}* y = reinterpret_cast<{yt}*>(yp);
+  const {yt}* r = reinterpret_cast<const {yt}*>(rp);
 #pragma unroll
   for (int t = 0; t < {maxm}; t++) {{
     if (t < m) {{
       float v = acc[t];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-      if (lane == 0) st1(y + (size_t)t * ldy + col0 + row, v);
+      if (lane == 0) st1(y + (size_t)t * ldy + col0 + row, add ? ld1(r + (size_t)t * ldr + col0 + row) + v : v);
     }}
   }}
 }}
 #endif
+"""
+
+# One activation row (a decode step of one sequence): each warp takes {nr} consecutive weight rows, so that a
+# unit's activation codes, their sums and scale are loaded once for all of them (they were loaded once per
+# row: as many bytes as the weights' own, through the same load units), and the rows' loads are in flight
+# together. Each row's sum runs unit by unit as in {name}_lane, so it equals that row's lane sums bit for bit.
+GEMV1 = r"""
+LEANK_HD void {name}_rows(const void* wp, const int8_t* xq, const float* xd, int K, int row_bytes, int n_rows,
+                          int row0, int lane, float* acc) {{
+  using namespace leank_q;
+  const int n_units = (K / {qk}) * {upb};
+  const uint8_t* wr[{nr}];
+#pragma unroll
+  for (int j = 0; j < {nr}; j++) {{
+    acc[j] = 0.0f;  // rows past the matrix read its last row (never stored)
+    wr[j] = reinterpret_cast<const uint8_t*>(wp) + (size_t)(row0 + j < n_rows ? row0 + j : n_rows - 1) * row_bytes;
+  }}
+  for (int u = lane; u < n_units; u += 32) {{
+    const int blk = u / {upb};
+    int cw[{nr}][4 * {runs}], xoff[{runs}];
+    float rs[{nr}][{runs}], rm[{nr}][{runs}], s[{nr}];
+#pragma unroll
+    for (int j = 0; j < {nr}; j++) {{
+      codes_{tname}(wr[j] + (size_t)blk * {bytes}, u % {upb}, cw[j], rs[j], rm[j], xoff);
+      s[j] = 0.0f;
+    }}
+    const int8_t* xb = xq + blk * {qk};
+    const float* db = xd + blk * ({qk} / 32);
+#pragma unroll
+    for (int r = 0; r < {runs}; r++) {{
+      const uint4 xv = *reinterpret_cast<const uint4*>(xb + xoff[r]);
+      const int xw[4] = {{(int)xv.x, (int)xv.y, (int)xv.z, (int)xv.w}};
+      int xs = 0;
+      if ({has_min}) {{
+#pragma unroll
+        for (int q = 0; q < 4; q++) xs = dp4a(0x01010101, xw[q], xs);
+      }}
+      const float dx = db[xoff[r] >> 5];
+#pragma unroll
+      for (int j = 0; j < {nr}; j++) {{
+        int is = 0;
+#pragma unroll
+        for (int q = 0; q < 4; q++) is = dp4a(cw[j][4 * r + q], xw[q], is);
+        float f = rs[j][r] * (float)is;
+        if ({has_min}) f = fmaf(rm[j][r], (float)xs, f);
+        s[j] = fmaf(dx, f, s[j]);
+      }}
+    }}
+#pragma unroll
+    for (int j = 0; j < {nr}; j++) acc[j] += s[j];
+  }}
+}}
+
+#ifdef __CUDACC__
+// y[col0 + row] = r[col0 + row] (if add) + xq . W[row] for the warp's {nr} rows; lanes summed by shuffles
+__device__ __forceinline__ void {name}(const void* wp, const void* xqp, const void* xdp, void* yp, const void* rp,
+                                        int n_rows, int K, int row_bytes, int add, int col0, int warp, int lane) {{
+  using namespace leank_q;
+  const int row0 = warp * {nr};
+  if (row0 >= n_rows) return;
+  float acc[{nr}];
+  {name}_rows(wp, reinterpret_cast<const int8_t*>(xqp), reinterpret_cast<const float*>(xdp), K, row_bytes, n_rows,
+              row0, lane, acc);
+  {yt}* y = reinterpret_cast<{yt}*>(yp) + col0 + row0;
+  const {yt}* r = reinterpret_cast<const {yt}*>(rp) + col0 + row0;
+#pragma unroll
+  for (int j = 0; j < {nr}; j++) {{
+    float v = acc[j];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    if (lane == j && row0 + j < n_rows) st1(y + j, add ? ld1(r + j) + v : v);
+  }}
+}}
+#endif
+"""
+
+GEMV1_HOST = r"""
+// the one-row kernel's sums, as the device adds them: each row's lane partials in butterfly order
+extern "C" void {prefix}_gemv1(const void* w, const int8_t* xq, const float* xd, float* y, int n_rows, int K,
+                               int row_bytes) {{
+  for (int row0 = 0; row0 < n_rows; row0 += {nr}) {{
+    float part[32][{nr}];
+    for (int lane = 0; lane < 32; lane++) {gemv1}_rows(w, xq, xd, K, row_bytes, n_rows, row0, lane, part[lane]);
+    for (int j = 0; j < {nr} && row0 + j < n_rows; j++) {{
+      float v[32], nv[32];
+      for (int l = 0; l < 32; l++) v[l] = part[l][j];
+      for (int o = 16; o > 0; o >>= 1) {{
+        for (int l = 0; l < 32; l++) nv[l] = v[l] + v[l ^ o];
+        for (int l = 0; l < 32; l++) v[l] = nv[l];
+      }}
+      y[row0 + j] = v[0];
+    }}
+  }}
+}}
 """
 
 QUANT_X = r"""
@@ -478,6 +627,181 @@ LEANK_HD void {name}(const void* xp, void* xqp, void* xdp, int n_groups, int g) 
   if (g < n_groups)
     leank_q::quant_x_group(reinterpret_cast<const {xt}*>(xp), reinterpret_cast<int8_t*>(xqp),
                            reinterpret_cast<float*>(xdp), g);
+}}
+"""
+
+# The small operations of a decode step around the matrices, one kernel each instead of torch's four to ten
+# (`leank.kernels.tl_gemv`): RMSNorm straight into the 8-bit activations the next gemv reads, SiLU(gate) * up
+# likewise, and RoPE of q and k from the projected rows. Each rounds where torch's unfused ops round (the
+# compute dtype after the norm, after SiLU, after the product, after the rotation).
+STEP = r"""
+namespace leank_q {{
+
+// The step kernels work in pieces of 8 consecutive activations, 4 lanes to a group of 32: a group's
+// absolute maximum is shared by shuffles (on the host, by a loop), then each piece is quantized as
+// quant_32 would quantize its group (the same scale amax / 127, the same codes).
+LEANK_HD float piece_amax(const float* v) {{
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; i++) a = fmaxf(a, fabsf(v[i]));
+  return a;
+}}
+LEANK_HD void quant_piece(const float* v, float amax, int8_t* xq) {{
+  const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+  uint32_t w[2] = {{0u, 0u}};
+#pragma unroll
+  for (int i = 0; i < 8; i++) w[i >> 2] |= ((uint32_t)(int)rintf(v[i] * id) & 0xFFu) << (8 * (i & 3));
+  *reinterpret_cast<uint2*>(xq) = make_uint2(w[0], w[1]);
+}}
+// x * rstd * w, rounded to XT as torch stores the norm's output
+template <typename XT> LEANK_HD void norm_piece(const XT* x, const float* w, float rstd, float* v) {{
+  x8(x, v);
+#pragma unroll
+  for (int i = 0; i < 8; i++) v[i] = round_as(mul_rn(mul_rn(v[i], rstd), w[i]), x);
+}}
+// SiLU(gate) * up, each rounded to XT as the unfused ops round
+template <typename XT> LEANK_HD void silu_piece(const XT* gate, const XT* up, float* v) {{
+  float b[8];
+  x8(gate, v);
+  x8(up, b);
+#pragma unroll
+  for (int i = 0; i < 8; i++) v[i] = round_as(mul_rn(round_as(v[i] / (1.0f + expf(-v[i])), gate), b[i]), gate);
+}}
+
+// RoPE of pair p of head h of row t: qkv (M, ld) rows hold q heads then k heads (then v), D channels each;
+// neox pairs (p, p + D/2), interleaved (2p, 2p + 1); cos/sin (positions, D/2) float32 at the row's position.
+// i runs over M x (Hq + Hkv) x D/2; q heads go to q (M, Hq, D), k heads to k (M, Hkv, D).
+template <typename XT> LEANK_HD void rope_pair(const XT* qkv, const int64_t* pos, const float* cs, const float* sn,
+                                               XT* q, XT* k, int Hq, int Hkv, int D, int ld, int neox, int i) {{
+  const int half = D / 2, H = Hq + Hkv;
+  const int t = i / (H * half), h = (i / half) % H, p = i % half;
+  const int a = neox ? p : 2 * p, b = neox ? p + half : 2 * p + 1;
+  const XT* x = qkv + (size_t)t * ld + h * D;
+  const float x0 = ld1(x + a), x1 = ld1(x + b);
+  const size_t at = (size_t)pos[t] * half + p;
+  const float c = cs[at], s = sn[at];
+  const float o0 = sub_rn(mul_rn(x0, c), mul_rn(x1, s)), o1 = add_rn(mul_rn(x0, s), mul_rn(x1, c));
+  XT* o = h < Hq ? q + ((size_t)t * Hq + h) * D : k + ((size_t)t * Hkv + h - Hq) * D;
+  st1(o + a, o0);
+  st1(o + b, o1);
+}}
+
+}}  // namespace leank_q
+
+// rope_qk: one thread per pair
+LEANK_HD void {rope}(const void* qkv, const void* pos, const void* cs, const void* sn, void* q, void* k, int Hq,
+                     int Hkv, int D, int ld, int neox, int n, int i) {{
+  if (i < n)
+    leank_q::rope_pair(reinterpret_cast<const {xt}*>(qkv), reinterpret_cast<const int64_t*>(pos),
+                       reinterpret_cast<const float*>(cs), reinterpret_cast<const float*>(sn),
+                       reinterpret_cast<{xt}*>(q), reinterpret_cast<{xt}*>(k), Hq, Hkv, D, ld, neox, i);
+}}
+#ifdef __CUDACC__
+// a piece's group maximum: the 4 lanes of a group are consecutive lanes of one warp (every lane calls this)
+__device__ __forceinline__ float group_amax(const float* v) {{
+  float a = leank_q::piece_amax(v);
+  a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, 1));
+  return fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, 2));
+}}
+
+// silu_mul_qx: thread i takes piece i of h = SiLU(gate) * up over the flattened (M, F) rows of gu = (gate | up)
+__device__ __forceinline__ void {silu}(const void* gup, void* xqp, void* xdp, int F, int n_pieces, int i) {{
+  using namespace leank_q;
+  const int ppr = F / 8, row = i / ppr, c = 8 * (i % ppr);
+  const bool ok = i < n_pieces;
+  float v[8] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
+  const {xt}* gate = reinterpret_cast<const {xt}*>(gup) + (size_t)row * 2 * F + c;
+  if (ok) silu_piece(gate, gate + F, v);
+  const float amax = group_amax(v);
+  if (ok) {{
+    quant_piece(v, amax, reinterpret_cast<int8_t*>(xqp) + (size_t)row * F + c);
+    if ((c & 31) == 0) reinterpret_cast<float*>(xdp)[(size_t)row * (F / 32) + c / 32] = amax / 127.0f;
+  }}
+}}
+
+// rmsnorm_qx: one block of NT threads per row, a piece of 8 activations per thread at a time: the row's sum
+// of squares, then every piece normalized and quantized
+#define NT {nt}
+__device__ __forceinline__ void {norm}(const void* xp, const void* wp, void* xqp, void* xdp, int K, float eps, int row,
+                                        int tx) {{
+  using namespace leank_q;
+  const {xt}* x = reinterpret_cast<const {xt}*>(xp) + (size_t)row * K;
+  const float* w = reinterpret_cast<const float*>(wp);
+  float ss = 0.0f;
+  for (int i = 8 * tx; i < K; i += 8 * NT) {{
+    float v[8];
+    x8(x + i, v);
+#pragma unroll
+    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
+  }}
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+  __shared__ float part[NT / 32];
+  if ((tx & 31) == 0) part[tx >> 5] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NT / 32; j++) total += part[j];
+  const float rstd = rsqrtf(total / (float)K + eps);
+  for (int base = 0; base < K; base += 8 * NT) {{  // the same trips for every thread: the shuffles need all lanes
+    const int i = base + 8 * tx;
+    const bool ok = i < K;
+    float v[8] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
+    if (ok) norm_piece(x + i, w + i, rstd, v);
+    const float amax = group_amax(v);
+    if (ok) {{
+      quant_piece(v, amax, reinterpret_cast<int8_t*>(xqp) + (size_t)row * K + i);
+      if ((i & 31) == 0) reinterpret_cast<float*>(xdp)[(size_t)row * (K / 32) + i / 32] = amax / 127.0f;
+    }}
+  }}
+}}
+#undef NT
+#endif
+"""
+
+STEP_HOST = r"""
+namespace leank_q {{
+// a group of 4 pieces, quantized as the device's 4 lanes quantize it
+LEANK_HD void quant_group_pieces(float (*v)[8], int8_t* xq, float* xd) {{
+  float amax = 0.0f;
+  for (int p = 0; p < 4; p++) amax = fmaxf(amax, piece_amax(v[p]));
+  for (int p = 0; p < 4; p++) quant_piece(v[p], amax, xq + 8 * p);
+  *xd = amax / 127.0f;
+}}
+}}  // namespace leank_q
+
+// host twins of the step kernels (the norm's sum in piece order: the device's differs in its last bits)
+extern "C" void leank_host_rmsnorm_qx(const void* xp, const float* w, int8_t* xq, float* xd, int M, int K, float eps) {{
+  using namespace leank_q;
+  const {xt}* x = reinterpret_cast<const {xt}*>(xp);
+  for (int t = 0; t < M; t++) {{
+    const {xt}* xr = x + (size_t)t * K;
+    float ss = 0.0f, v[4][8];
+    for (int i = 0; i < K; i += 8) {{
+      x8(xr + i, v[0]);
+      for (int j = 0; j < 8; j++) ss = fmaf(v[0][j], v[0][j], ss);
+    }}
+    const float rstd = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int g = 0; g < K / 32; g++) {{
+      for (int p = 0; p < 4; p++) norm_piece(xr + 32 * g + 8 * p, w + 32 * g + 8 * p, rstd, v[p]);
+      quant_group_pieces(v, xq + (size_t)t * K + 32 * g, xd + (size_t)t * (K / 32) + g);
+    }}
+  }}
+}}
+extern "C" void leank_host_silu_mul_qx(const void* gup, int8_t* xq, float* xd, int M, int F) {{
+  using namespace leank_q;
+  const {xt}* gu = reinterpret_cast<const {xt}*>(gup);
+  float v[4][8];
+  for (int t = 0; t < M; t++)
+    for (int g = 0; g < F / 32; g++) {{
+      for (int p = 0; p < 4; p++) silu_piece(gu + (size_t)t * 2 * F + 32 * g + 8 * p, gu + (size_t)t * 2 * F + F + 32 * g + 8 * p, v[p]);
+      quant_group_pieces(v, xq + (size_t)t * F + 32 * g, xd + (size_t)t * (F / 32) + g);
+    }}
+}}
+extern "C" void leank_host_rope_qk(const void* qkv, const int64_t* pos, const float* cs, const float* sn, void* q, void* k,
+                                   int M, int Hq, int Hkv, int D, int ld, int neox) {{
+  const int n = M * (Hq + Hkv) * (D / 2);
+  for (int i = 0; i < n; i++) {rope}(qkv, pos, cs, sn, q, k, Hq, Hkv, D, ld, neox, n, i);
 }}
 """
 
@@ -551,9 +875,31 @@ def quant_x_name(dtype: str) -> str:
     return f"leank_quant_x_{dtype}"
 
 
+def step_names(dtype: str) -> dict:
+    """The entry points of `STEP` for activations of `dtype`."""
+    return dict(norm=f"leank_rmsnorm_qx_{dtype}", silu=f"leank_silu_mul_qx_{dtype}", rope=f"leank_rope_qk_{dtype}")
+
+
+STEP_THREADS = 512  # threads of the rmsnorm_qx block (one block per row, 8 activations a thread)
+GEMV1_HOST_ROWS = (1, 2, 3)  # rows per warp of the one-row gemv built for host tests
+
+
+def step_source(dtype: str) -> str:
+    return COMMON + CODES + STEP.format(xt=C_TYPES[dtype], nt=STEP_THREADS, **step_names(dtype))
+
+
 def gemv_source(type_name: str, dtype: str, maxm: int) -> str:
     return COMMON + CODES + GEMV.format(name=gemv_name(type_name, dtype, maxm), yt=C_TYPES[dtype], maxm=maxm,
                                         **fields(type_name))
+
+
+def gemv1_name(type_name: str, dtype: str, nr: int) -> str:
+    return f"leank_gemv1_{type_name}_{dtype}_{nr}"
+
+
+def gemv1_source(type_name: str, dtype: str, nr: int) -> str:
+    return COMMON + CODES + GEMV1.format(name=gemv1_name(type_name, dtype, nr), yt=C_TYPES[dtype], nr=nr,
+                                         **fields(type_name))
 
 
 def quant_x_source(dtype: str) -> str:
@@ -567,12 +913,18 @@ def dequant_source(type_name: str, out_dtype: str) -> str:
 def host_source(type_names, dtype: str, maxm: int, out_dtype: str = "float32") -> str:
     """The device functions of the kernels for `type_names`, plus host entry points
     `leank_host_<type>_dequant(w, ids, out, R, K, row_bytes)` and `leank_host_<type>_gemv(w, x, xq, xd,
-    y float32, n_rows, m, K, row_bytes)`, for `nvcc -x cu` (tests on machines without a GPU)."""
+    y float32, n_rows, m, K, row_bytes)`, and the step kernels' twins (`STEP_HOST`), for `nvcc -x cu`
+    (tests on machines without a GPU)."""
+    names = step_names(dtype)
     body = COMMON + CODES + QUANT_X.format(name=quant_x_name(dtype), xt=C_TYPES[dtype])
+    body += STEP.format(xt=C_TYPES[dtype], nt=STEP_THREADS, **names) + STEP_HOST.format(xt=C_TYPES[dtype], **names)
     for t in type_names:
         f = fields(t)
         body += GEMV.format(name=gemv_name(t, dtype, maxm), yt=C_TYPES[dtype], maxm=maxm, **f)
         body += DEQ.format(name=dequant_name(t, out_dtype), ot=C_TYPES[out_dtype], **f)
         body += HOST.format(prefix=f"leank_host_{t}", deq=dequant_name(t, out_dtype), gemv=gemv_name(t, dtype, maxm),
                             qx=quant_x_name(dtype), maxm=maxm, **f)
+        for nr in GEMV1_HOST_ROWS:
+            body += GEMV1.format(name=gemv1_name(t, dtype, nr), yt=C_TYPES[dtype], nr=nr, **f)
+            body += GEMV1_HOST.format(prefix=f"leank_host_{t}_{nr}", gemv1=gemv1_name(t, dtype, nr), nr=nr)
     return body

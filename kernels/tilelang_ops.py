@@ -109,10 +109,16 @@ def _target():
 
 
 def build(spec: tuple):
-    """The prim_func of a kernel spec (kind, *configuration)."""
+    """The prim_func of a kernel spec (kind, *configuration), named after its kind (and block type) so that
+    profiles tell the kernels apart (`leank_gemv_Q4_K_kernel`, `leank_middle_kernel`, ...)."""
+    kind, *cfg = spec
+    name = f"leank_{kind}_{cfg[0]}" if kind in ("gemv", "gemv1", "dequant") else f"leank_{kind}"
+    return _build(kind, cfg).with_attr("global_symbol", name)
+
+
+def _build(kind: str, cfg: list):
     from leank.kernels import tl_decode, tl_gemv, tl_quant  # import TileLang, as above
 
-    kind, *cfg = spec
     if kind == "full":
         return tl_decode.full_decode(*cfg)
     if kind == "middle":
@@ -125,10 +131,18 @@ def build(spec: tuple):
         return tl_quant.quantize_v(*cfg)
     if kind == "gemv":
         return tl_gemv.gemv(*cfg)
+    if kind == "gemv1":
+        return tl_gemv.gemv1(*cfg)
     if kind == "dequant":
         return tl_gemv.dequantize(*cfg)
     if kind == "quantize_x":
         return tl_gemv.quantize_x(*cfg)
+    if kind == "rmsnorm_qx":
+        return tl_gemv.rmsnorm_qx(*cfg)
+    if kind == "silu_mul_qx":
+        return tl_gemv.silu_mul_qx(*cfg)
+    if kind == "rope_qk":
+        return tl_gemv.rope_qk(*cfg)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -374,6 +388,8 @@ def quantize_specs(n_channels: int, bits: int, group: int, dtype: torch.dtype, k
 # a decoded slice of the matrix (`dequantize`) with cuBLAS. Two compilations per type and dtype: one row
 # (a decode step) and up to GEMV_ROWS.
 GEMV_ROWS = 8
+# Weight rows per warp of the one-row gemv (`tl_gemv.gemv1`): the activations' loads shared by that many rows.
+GEMV_RPW = 2
 
 
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,13 +402,59 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xd
 
 
-def gemv(blocks: torch.Tensor, type_name: str, xq: torch.Tensor, xd: torch.Tensor, y: torch.Tensor, col0: int = 0) -> None:
-    """y[:, col0 : col0 + N] = x @ W^T for W = `blocks` ((N, row bytes) uint8 on the GPU, GGUF type
-    `type_name`) and x as `quantize_x` gives it (M <= GEMV_ROWS rows); y (M, >= col0 + N) contiguous,
-    float16 or bfloat16; other columns of y are left as they are."""
+def gemv(blocks: torch.Tensor, type_name: str, xq: torch.Tensor, xd: torch.Tensor, y: torch.Tensor, col0: int = 0,
+         add: torch.Tensor | None = None) -> None:
+    """y[:, col0 : col0 + N] = x @ W^T (+ add[:, col0 : col0 + N]) for W = `blocks` ((N, row bytes) uint8 on
+    the GPU, GGUF type `type_name`) and x as `quantize_x` gives it (M <= GEMV_ROWS rows); y (M, >= col0 + N)
+    contiguous, float16 or bfloat16; other columns of y are left as they are. `add`: a residual shaped as y,
+    or a bias (NY,) added to every row; it may be y itself."""
     m = xq.shape[0]
-    maxm = 1 if m == 1 else GEMV_ROWS
-    kernel(("gemv", type_name, _DTYPES[y.dtype], maxm))(blocks, xq, xd, y, m, col0)
+    if add is None:
+        r, ldr, flag = y, 0, 0
+    elif add.dim() == 1:
+        r, ldr, flag = add.view(1, -1), 0, 1
+    else:
+        r, ldr, flag = add, add.shape[1], 1
+    if m == 1:  # a decode step of one sequence: several weight rows per warp
+        kernel(("gemv1", type_name, _DTYPES[y.dtype], gemv_rows_per_warp()))(blocks, xq, xd, y, r, col0, flag)
+        return
+    kernel(("gemv", type_name, _DTYPES[y.dtype], GEMV_ROWS))(blocks, xq, xd, y, r, m, col0, ldr, flag)
+
+
+def gemv_rows_per_warp() -> int:
+    """Weight rows per warp of the one-row gemv (GEMV_RPW; LEANK_TL_GEMV_RPW overrides it, for tuning)."""
+    return int(os.environ.get("LEANK_TL_GEMV_RPW", GEMV_RPW))
+
+
+def rmsnorm_qx(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_x(RMSNorm(x) * weight) in one kernel: x (M, K) float16/bfloat16 contiguous, weight (K,)
+    float32; the norm rounded to x's dtype before it is quantized, as the unfused ops round."""
+    M, K = x.shape
+    xq = _empty((M, K), torch.int8, x.device)
+    xd = _empty((M, K // 32), torch.float32, x.device)
+    kernel(("rmsnorm_qx", _DTYPES[x.dtype]))(x, weight, xq, xd, eps)
+    return xq, xd
+
+
+def silu_mul_qx(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_x(SiLU(gate) * up) for gate_up (M, 2F) = (gate | up), float16/bfloat16 contiguous."""
+    M, F = gate_up.shape[0], gate_up.shape[1] // 2
+    xq = _empty((M, F), torch.int8, gate_up.device)
+    xd = _empty((M, F // 32), torch.float32, gate_up.device)
+    kernel(("silu_mul_qx", _DTYPES[gate_up.dtype]))(gate_up, xq, xd)
+    return xq, xd
+
+
+def rope_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+            n_kv_heads: int, head_dim: int, neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated q (M, Hq, D) and k (M, Hkv, D) heads of projected rows qkv (M, >= (Hq + Hkv) D)
+    (contiguous, float16/bfloat16), row t at position positions[t] ((M,) int64 on the device, below the
+    tables' length: read there, never checked on the host); cos/sin (P, D / 2) float32."""
+    M = qkv.shape[0]
+    q = _empty((M, n_heads, head_dim), qkv.dtype, qkv.device)
+    k = _empty((M, n_kv_heads, head_dim), qkv.dtype, qkv.device)
+    kernel(("rope_qk", _DTYPES[qkv.dtype], bool(neox)))(qkv, positions, cos, sin, q, k)
+    return q, k
 
 
 def dequantize(blocks: torch.Tensor, type_name: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -409,7 +471,14 @@ def gemv_specs(type_names, dtype: torch.dtype) -> list[tuple]:
     """The kernel specs a model whose matrices are of `type_names` uses (for `precompile`)."""
     dt = _DTYPES[dtype]
     return [("quantize_x", dt)] + [spec for t in sorted(set(type_names)) for spec in
-                                   (("gemv", t, dt, 1), ("gemv", t, dt, GEMV_ROWS), ("dequant", t, dt))]
+                                   (("gemv1", t, dt, gemv_rows_per_warp()), ("gemv", t, dt, GEMV_ROWS),
+                                    ("dequant", t, dt))]
+
+
+def step_specs(dtype: torch.dtype, neox: bool) -> list[tuple]:
+    """The fused step kernels (`rmsnorm_qx`, `silu_mul_qx`, `rope_qk`) of a model (for `precompile`)."""
+    dt = _DTYPES[dtype]
+    return [("rmsnorm_qx", dt), ("silu_mul_qx", dt), ("rope_qk", dt, bool(neox))]
 
 
 def ops() -> SimpleNamespace:

@@ -45,3 +45,39 @@ def gemv_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _, d = quantized_activations(x)
     half_step = (d / 2).repeat_interleave(32, dim=1).double()  # (m, K)
     return half_step @ w.double().abs().T
+
+
+# --- the fused decode-step kernels' references (`gguf_cuda.STEP`): torch's unfused ops -------------------
+def rmsnorm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the transformer computes it unfused: in float32, rounded to x's dtype."""
+    return torch.nn.functional.rms_norm(x.float(), w.shape, w.float(), eps).to(x.dtype)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in gate_up's dtype, as the unfused feed-forward computes it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def rope_reference(qkv, pos, cos, sin, n_heads, n_kv_heads, head_dim, neox):
+    """The rotated q (M, Hq, D) and k (M, Hkv, D) heads of qkv's rows, as `Rope.apply` rotates them."""
+    from leank.runtime.model.rope import apply_rope
+
+    M = qkv.shape[0]
+    x = qkv[:, : (n_heads + n_kv_heads) * head_dim].reshape(M, n_heads + n_kv_heads, head_dim)
+    out = apply_rope(x.float(), cos[pos][:, None], sin[pos][:, None], "neox" if neox else "interleaved").to(qkv.dtype)
+    return out[:, :n_heads], out[:, n_heads:]
+
+
+def assert_same_quantized(xq, xd, ref: torch.Tensor) -> None:
+    """8-bit activations (xq, xd) of a fused kernel against quantized_activations(ref): the scales within
+    one rounding of the compute dtype, every value within one code of the reference's."""
+    ref_q, ref_d = quantized_activations(ref)
+    assert torch.isfinite(xd).all() and (xd >= 0).all()
+    assert ((xd - ref_d).abs() <= 8e-3 * ref_d + 1e-30).all()
+    M = ref.shape[0]
+    got = (xq.double().reshape(M, -1, 32) * xd.double()[..., None]).reshape(M, -1)
+    want = (ref_q.double().reshape(M, -1, 32) * ref_d.double()[..., None]).reshape(M, -1)
+    step = torch.maximum(xd, ref_d).double().repeat_interleave(32, dim=1)
+    assert ((got - want).abs() <= 1.01 * step + 1e-30).all()
+    assert (xq == ref_q).float().mean() >= 0.97  # a last-bit difference moves a few codes, not many

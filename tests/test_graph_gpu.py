@@ -27,6 +27,31 @@ MODELS = {  # head_dim 64 (llama) and 128 (qwen2, biases), GQA 2
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """Every TileLang kernel these tests use, compiled in parallel first (one at a time, as each test
+    first needs them, they took ~35 s a case on a fresh H200 machine)."""
+    from leank.kernels import tilelang_ops as tlo
+
+    dt = torch.bfloat16
+    specs = tlo.gemv_specs({m["tensor_type"] for m in MODELS.values()} | {"Q8_0", "Q6_K"}, dt)
+    specs += tlo.step_specs(dt, True) + tlo.step_specs(dt, False)
+    for m in MODELS.values():
+        D, gqa = m["dim"] // m["n_heads"], m["n_heads"] // m["n_kv_heads"]
+        for per_seq in (False, True):
+            specs += tlo.decode_specs(D, gqa, dt, [], 16, 16, 1, per_seq)
+            for p in filter(None, POLICIES.values()):
+                counts = [D]
+                if p.get("mask"):
+                    mask = random_mask(m["n_layers"], m["n_kv_heads"], D, align=16, generator=torch.Generator().manual_seed(5))
+                    counts = mask.kept.sum(-1).flatten().tolist()
+                kb, vb, G = p["k_bits"], p["v_bits"], p["group_size"]
+                specs += tlo.decode_specs(D, gqa, dt, counts, kb, vb, G, per_seq)
+                specs += [tlo.quantize_specs(int(c), kb, G, dt, "quantize_k") for c in set(counts) if c]
+                specs.append(tlo.quantize_specs(D, vb, G, dt, "quantize_v"))
+    assert not tlo.precompile(specs)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every TileLang kernel output starts as NaN (floats) or 0xA5 bytes, in the captured graph too."""

@@ -201,22 +201,30 @@ class CudaQuantLinear(Linear):
             x2 = x2.clone()
         M = x2.shape[0]
         if M <= self._tl.GEMV_ROWS:
-            y = self._tl._empty((M, self._out), self.dtype, x2.device)
-            xq, xd = self._tl.quantize_x(x2)  # once for every part
-            for blocks, t, col in self.groups:
-                self._tl.gemv(blocks, t, xq, xd, y, col)
+            return self.project(*self._tl.quantize_x(x2)).view(*lead, self._out)  # quantized once for every part
+        pieces = [(col + r0, x2 @ self._tl.dequantize(blocks, t, ids, self.dtype).T)
+                  for (blocks, t, col), chunks in zip(self.groups, self._chunks) for r0, ids in chunks]
+        if len(pieces) == 1:
+            y = pieces[0][1]
         else:
-            pieces = [(col + r0, x2 @ self._tl.dequantize(blocks, t, ids, self.dtype).T)
-                      for (blocks, t, col), chunks in zip(self.groups, self._chunks) for r0, ids in chunks]
-            if len(pieces) == 1:
-                y = pieces[0][1]
-            else:
-                y = torch.empty((M, self._out), dtype=self.dtype, device=x2.device)
-                for c, part in pieces:
-                    y[:, c:c + part.shape[1]] = part
+            y = torch.empty((M, self._out), dtype=self.dtype, device=x2.device)
+            for c, part in pieces:
+                y[:, c:c + part.shape[1]] = part
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self._out)
+
+    def project(self, xq: torch.Tensor, xd: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias) (+ residual) for up to GEMV_ROWS rows of activations already quantized
+        (`tilelang_ops.quantize_x`, or the fused `rmsnorm_qx` / `silu_mul_qx`): (M, out_features) in the
+        compute dtype. The bias, or a residual (M, out_features), is added by the gemv kernel itself."""
+        y = self._tl._empty((xq.shape[0], self._out), self.dtype, xq.device)
+        add = residual if residual is not None else self.bias
+        for blocks, t, col in self.groups:
+            self._tl.gemv(blocks, t, xq, xd, y, col, add)
+        if residual is not None and self.bias is not None:
+            y += self.bias
+        return y
 
     def rows(self, ids: torch.Tensor, checked: bool = True) -> torch.Tensor:
         """Rows `ids` of the matrix in the compute dtype (an embedding lookup): (*ids.shape, in_features).

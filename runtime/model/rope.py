@@ -105,6 +105,10 @@ class Rope:
         if n > self._cos.shape[0]:
             self._extend(max(n, 2 * self._cos.shape[0]))
 
+    def full_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (positions, d/2) for every position reserved so far (a kernel indexes them itself)."""
+        return self._cos, self._sin
+
     def data_ptr(self) -> int:
         """Where the tables are now (they move when they grow: a captured step must follow them)."""
         return self._cos.data_ptr()

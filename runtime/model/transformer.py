@@ -6,6 +6,7 @@ attended (`leank.runtime.cache.dense`); this file never looks inside it.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -32,6 +33,11 @@ FFN_CHUNK_TOKENS = 2048
 # batch size seen gets its own: ~(n_layers dim + 5 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a row (the residual
 # stream of every layer, one segment's scratch, q|k|v), ~0.3 MiB a row on the 1.5B Qwen2.5-Coder.
 CPU_STEP_MAX_ROWS = 16
+
+
+def cuda_fused_enabled() -> bool:
+    """LEANK_CUDA_FUSED=0 turns off the fused CUDA decode step (`Transformer._fused_step`)."""
+    return os.environ.get("LEANK_CUDA_FUSED", "1") != "0"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,11 +112,31 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attn_norm = torch.empty(0)
         self.ffn_norm = torch.empty(0)
+        self._norms32: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x, rope, cache):
         # .forward directly: nn.Module's call machinery costs more than a decode step's small layers
         h = x + self.attention.forward(rms_norm(x, self.attn_norm, self.eps), rope, cache)
         return h + self.feed_forward.forward(rms_norm(h, self.ffn_norm, self.eps))
+
+    def fused_forward(self, x: torch.Tensor, positions: torch.Tensor, tables, cache, tl) -> torch.Tensor:
+        """`forward` for one token per row x (B, dim) on CUDA with every matrix in GGUF blocks, in 12
+        kernels besides the cache's (torch's ops took ~30): RMSNorm into the 8-bit activations, q|k|v
+        (+ bias), RoPE of q and k, the cache, o + residual, RMSNorm, gate|up, SiLU * up into 8 bits,
+        down + residual. `tables`: the RoPE (cos, sin) (P, D/2) float32; `tl`: `leank.kernels.tilelang_ops`."""
+        att, ff, a = self.attention, self.feed_forward, self.attention.args
+        B, Hq, Hkv, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        if self._norms32 is None:  # the norm weights as the fused kernel reads them
+            self._norms32 = (self.attn_norm.float().contiguous(), self.ffn_norm.float().contiguous())
+        attn_norm, ffn_norm = self._norms32
+        qkv = att.wqkv.project(*tl.rmsnorm_qx(x, attn_norm, self.eps))
+        q, k = tl.rope_qk(qkv, positions, *tables, Hq, Hkv, D, a.rope_mode == "neox")
+        v = qkv[:, att.q_size + att.kv_size:].view(B, Hkv, 1, D)
+        cache.append(att.layer, k.view(B, Hkv, 1, D), v)
+        out = cache.attend(att.layer, q.view(B, Hq, 1, D)).reshape(B, att.q_size).contiguous()
+        h = att.wo.project(*tl.quantize_x(out), residual=x)
+        gate_up = ff.w_gate_up.project(*tl.rmsnorm_qx(h, ffn_norm, self.eps))
+        return ff.w_down.project(*tl.silu_mul_qx(gate_up), residual=h)
 
 
 class Transformer(nn.Module):
@@ -123,6 +149,8 @@ class Transformer(nn.Module):
         self.output: Linear | None = None
         self.rope: Rope | None = None
         self._cpu_steps: dict[int, CpuDecodeStep | None] = {}  # rows -> its program (None: not eligible)
+        self._fusable: bool | None = None  # the fused CUDA step applies (`fusable`), decided on first use
+        self._norm32: torch.Tensor | None = None  # the final norm's weight in float32 (the fused step)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if isinstance(self.tok_embeddings, CudaQuantLinear):  # ids checked on the host, except inside a capture
@@ -143,6 +171,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         # sequences at their own lengths, one token each (the server; a captured step: a device tensor)
         positions = getattr(cache, "positions", None)
+        if T == 1 and logits_for != "none" and self.fusable(B):
+            return self._fused_step(tokens, positions, cache)
         rope = self.rope.tables(cache.seq_len, T) if positions is None else self.rope.tables_at(positions)
         x = self.embed(tokens)
         for block in self.layers:
@@ -154,6 +184,41 @@ class Transformer(nn.Module):
             return x
         return self.output(x).float()
 
+
+    def fusable(self, rows: int) -> bool:
+        """Whether a decode step of `rows` sequences runs fused (`Block.fused_forward`): CUDA, half
+        precision, every matrix in GGUF blocks (`CudaQuantLinear`), at most GEMV_ROWS rows, plain RoPE over
+        whole heads, no q/k norms, not turned off (LEANK_CUDA_FUSED=0)."""
+        if self._fusable is None:
+            a = self.args
+            mats = [self.output] + [m for b in self.layers for m in (b.attention.wqkv, b.attention.wo,
+                                                                    b.feed_forward.w_gate_up, b.feed_forward.w_down)]
+            self._fusable = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+                             and all(isinstance(m, CudaQuantLinear) for m in mats)
+                             and all(b.attention.q_norm is None for b in self.layers)
+                             and a.rope_dims == a.head_dim and a.rope_mode in ("neox", "interleaved")
+                             and a.dim % 32 == 0 and a.ffn_dim % 32 == 0 and (a.n_heads * a.head_dim) % 32 == 0
+                             and self.rope.dtype == torch.float32)
+        return self._fusable and rows <= self.output._tl.GEMV_ROWS and cuda_fused_enabled()
+
+    def _fused_step(self, tokens: torch.Tensor, positions, cache) -> torch.Tensor:
+        """One token per row through `Block.fused_forward`: logits (B, 1, vocab) float32."""
+        tl = self.output._tl
+        B = tokens.shape[0]
+        if positions is None:  # every row at the cache's length
+            self.rope.reserve(cache.seq_len + 1)
+            positions = torch.full((B,), cache.seq_len, dtype=torch.long, device=self.device)
+        elif not torch.is_tensor(positions):  # rows at their own lengths, as host ints
+            self.rope.reserve(max(positions) + 1)
+            positions = torch.tensor(positions, dtype=torch.long, device=self.device)
+        # (a device tensor: a captured step, whose caller reserved the tables past every position)
+        tables = self.rope.full_tables()
+        x = self.embed(tokens).reshape(B, self.args.dim).contiguous()
+        for block in self.layers:
+            x = block.fused_forward(x, positions, tables, cache, tl)
+        if self._norm32 is None:
+            self._norm32 = self.norm.float().contiguous()
+        return self.output.project(*tl.rmsnorm_qx(x, self._norm32, self.args.norm_eps)).float().view(B, 1, -1)
 
     def _cpu_step(self, tokens: torch.Tensor, logits_for: str) -> CpuDecodeStep | None:
         """The ggml program for a CPU decode step of these `tokens` (one per sequence), or None."""

@@ -98,3 +98,21 @@ def test_compressed_capacity_reserves_the_middle_region():
         cache.attend(0, torch.randn(1, 2, 60, 32))
     (g,) = cache.layers[0].groups
     assert cache.layers[0].middle_len == 32 and g.k.shape[2] == 1000 - 8 and g.k_scale.shape[2] == (1000 - 8) // 16
+
+
+def test_info_names_the_cuda_decode_step_path(monkeypatch):
+    """`leank info`'s matrices line on CUDA says whether steps are fused and replayed, and how to turn
+    each off (its wording is what a user reads: checked here without a GPU)."""
+    from leank.runtime.model import linear
+
+    monkeypatch.setattr(linear, "cuda_blocks_for", lambda t: t in ("Q4_K", "Q6_K"))
+    cuda = torch.device("cuda")
+    line = linear.weights_path({"Q4_K": 3, "Q6_K": 1, "F32": 5}, cuda)
+    assert "Q4_K, Q6_K kept in GGUF blocks" in line and "decode steps fused" in line and "one CUDA-graph replay" in line
+    monkeypatch.setenv("LEANK_CUDA_FUSED", "0")
+    monkeypatch.setenv("LEANK_CUDA_GRAPHS", "0")
+    line = linear.weights_path({"Q4_K": 3, "F32": 5}, cuda)
+    assert "op by op between the gemv kernels" in line and "CUDA graphs off (LEANK_CUDA_GRAPHS=0)" in line
+    monkeypatch.delenv("LEANK_CUDA_FUSED")
+    line = linear.weights_path({"Q4_K": 3, "Q5_0": 2}, cuda)  # a type left to the float path: not fused
+    assert "Q5_0 dequantized" in line and "op by op" in line

@@ -6,7 +6,6 @@ attended (`leank.runtime.cache.dense`); this file never looks inside it.
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -21,7 +20,8 @@ from leank.kernels import ggml_cpu
 from leank.runtime.arch.args import ModelArgs
 from leank.runtime.arch.base import tensor_name
 from leank.runtime.gguf.reader import GGUFFile
-from leank.runtime.model.linear import CudaQuantLinear, Linear, QuantLinear, expansion_reason, make_linear, storage_mode
+from leank.runtime.model.linear import (CudaQuantLinear, Linear, QuantLinear, cuda_fused_enabled, expansion_reason,
+                                        make_linear, storage_mode)
 from leank.runtime.model.rope import Rope, RopeTables
 
 EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
@@ -35,9 +35,6 @@ FFN_CHUNK_TOKENS = 2048
 CPU_STEP_MAX_ROWS = 16
 
 
-def cuda_fused_enabled() -> bool:
-    """LEANK_CUDA_FUSED=0 turns off the fused CUDA decode step (`Transformer._fused_step`)."""
-    return os.environ.get("LEANK_CUDA_FUSED", "1") != "0"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

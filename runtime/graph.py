@@ -27,6 +27,9 @@ import weakref
 import torch
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> GraphStep, or False: op by op
+# transformers whose capture over a batch of caches failed: a server's batch changes as requests come and go,
+# and each new batch would try (and say so) again
+_BATCH_FAILED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def graphs_enabled() -> bool:
@@ -40,6 +43,8 @@ def graph_step(transformer, cache) -> "GraphStep | None":
     if transformer.device.type != "cuda" or transformer.dtype not in (torch.float16, torch.bfloat16):
         return None
     if not graphs_enabled() or not hasattr(cache, "static_attend"):
+        return None
+    if hasattr(cache, "caches") and transformer in _BATCH_FAILED:
         return None
     step = _STEPS.get(cache)
     if step is None:
@@ -65,14 +70,23 @@ def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool, int]
     """Before a step: room in the cache's buffers and the RoPE tables for one more token, and the cache's
     host lengths into `meta` (3, B) int64: per row the full-region index the new token goes to, its
     position, the middle region's length. Returns (a cache buffer changed, the middle holds tokens, tokens
-    the cache holds)."""
+    the cache holds); the last two per row (tuples) for a cache whose rows have their own lengths."""
     changed = cache.static_prepare()
     full, middle = cache.static_lengths()
-    meta[0].fill_(full)
-    meta[1].fill_(full + middle)
-    meta[2].fill_(middle)
-    transformer.rope.reserve(full + middle + 1)
-    return changed, middle > 0, full + middle
+    if isinstance(full, int):  # every row at one length
+        meta[0].fill_(full)
+        meta[1].fill_(full + middle)
+        meta[2].fill_(middle)
+        transformer.rope.reserve(full + middle + 1)
+        return changed, middle > 0, full + middle
+    # rows at their own lengths (`leank.runtime.server.slots.BatchCache`): per-row lists
+    f, m = torch.tensor(full, dtype=torch.long), torch.tensor(middle, dtype=torch.long)
+    meta[0].copy_(f)
+    meta[1].copy_(f + m)
+    meta[2].copy_(m)
+    seq = tuple((f + m).tolist())
+    transformer.rope.reserve(max(seq) + 1)
+    return changed, tuple(n > 0 for n in middle), seq
 
 
 def static_forward(transformer, cache, tokens: torch.Tensor, meta: torch.Tensor, with_middle: bool) -> torch.Tensor:
@@ -160,13 +174,15 @@ class GraphStep:
                 self._capture(signature)
             except Exception as e:  # noqa: BLE001 - any failure: say it once, decode op by op from now on
                 _STEPS[cache] = False
+                if hasattr(cache, "caches"):
+                    _BATCH_FAILED.add(self.transformer)
                 self.graph = None
                 print(f"leank: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "decoding op by op", file=sys.stderr)
                 raise CaptureFailed from e
         self.graph.replay()
         self._moved = cache.static_advance()
-        self._expected = seq + 1
+        self._expected = seq + 1 if isinstance(seq, int) else tuple(n + 1 for n in seq)
         return self.logits
 
 

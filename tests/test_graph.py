@@ -116,3 +116,36 @@ def test_info_names_the_cuda_decode_step_path(monkeypatch):
     monkeypatch.delenv("LEANK_CUDA_FUSED")
     line = linear.weights_path({"Q4_K": 3, "Q5_0": 2}, cuda)  # a type left to the float path: not fused
     assert "Q5_0 dequantized" in line and "op by op" in line
+
+
+@pytest.mark.parametrize("name", ["dense", "leank-kivi2", "leank-k4v2-rotated"])
+def test_static_step_over_a_batch_of_sequences_at_their_own_lengths(make_tiny, name):
+    """The server's batch (`BatchCache`: one cache per row) through the device-length step: rows with
+    prompts of 5, 23 and 40 tokens (their blocks reach the middle region at different steps) each get the
+    logits of their own sequence stepped alone."""
+    from leank.runtime.server.slots import BatchCache
+
+    path = make_tiny(arch="llama", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    m = leank.load(path, device="cpu")
+    policy = policy_for(name, m.args)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, m.args.vocab_size, (1, n), generator=gen) for n in (5, 23, 40)]
+    ours, alone = [m.new_cache(policy=policy) for _ in prompts], [m.new_cache(policy=policy) for _ in prompts]
+    for p, a, b in zip(prompts, ours, alone):
+        decode.prefill(m.transformer, a, p)
+        decode.prefill(m.transformer, b, p)
+    batch = BatchCache(ours)
+    worst, agree, n = 0.0, 0, 60
+    for _ in range(n):
+        tokens = torch.randint(0, m.args.vocab_size, (3,), generator=gen)
+        got = graph.static_step(m.transformer, batch, tokens)
+        for row, cache in enumerate(alone):
+            want = decode.prefill(m.transformer, cache, tokens[row].view(1, 1))[0]
+            worst = max(worst, ((got[row] - want).abs().max() / want.abs().max()).item())
+            agree += int(got[row].argmax() == want.argmax())
+    assert [c.seq_len for c in ours] == [c.seq_len for c in alone] == [5 + n, 23 + n, 40 + n]
+    assert batch.positions == [5 + n, 23 + n, 40 + n]
+    if policy is not None:  # the rows moved blocks into the middle region at their own steps
+        assert len({c.layers[0].middle_len for c in ours}) > 1
+        assert [c.layers[0].middle_len for c in ours] == [c.layers[0].middle_len for c in alone]
+    assert worst <= (5e-3 if policy is not None and policy.rotate else 1e-4) and agree == 3 * n

@@ -168,3 +168,29 @@ def test_graphs_can_be_turned_off(make_tiny, monkeypatch):
     monkeypatch.setenv("LEANK_CUDA_GRAPHS", "0")
     m = leank.load(make_tiny(**MODELS["llama-hd64"]), device="cuda", dtype=torch.bfloat16)
     assert graph.graph_step(m.transformer, m.new_cache()) is None
+
+
+def test_a_batch_at_its_own_lengths_replays_one_graph(make_tiny, poisoned):
+    """The server's batch (`BatchCache`, one cache per row, rows at 7, 50 and 90 tokens) as one captured
+    step: the replay equals the same step op by op; captured again only when a row's middle region gets
+    its first tokens (and at the first step)."""
+    from leank.runtime.server.slots import BatchCache
+
+    m = leank.load(make_tiny(**MODELS["qwen2-hd128"]), device="cuda", dtype=torch.bfloat16)
+    policy = policy_for("leank-k4v2-g64-rotated", m.args)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, m.args.vocab_size, (1, n), generator=gen) for n in (7, 50, 90)]
+    ours = [m.new_cache(policy=policy, capacity=512) for _ in prompts]
+    twins = [m.new_cache(policy=policy, capacity=512) for _ in prompts]
+    for p, a, b in zip(prompts, ours, twins):
+        decode.prefill(m.transformer, a, p)
+        decode.prefill(m.transformer, b, p)
+    batch, twin = BatchCache(ours), BatchCache(twins)
+    step = graph.graph_step(m.transformer, batch)
+    assert step is not None
+    for _ in range(150):  # 90 + 150 > 16 + 64 + 64: every row's middle region fills, at its own step
+        tokens = torch.randint(0, m.args.vocab_size, (3,), generator=gen)
+        a, b = step(tokens).cpu(), graph.static_step(m.transformer, twin, tokens).cpu()
+        assert torch.isfinite(a).all() and ((a - b).abs().max() <= 1e-3 * b.abs().max()).item()
+    assert all(c.layers[0].middle_len > 0 for c in ours)
+    assert step.captures == 1 + 3, step.captures

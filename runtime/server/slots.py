@@ -47,7 +47,10 @@ class BatchCache:
         self.caches = caches
         self.n_layers = caches[0].n_layers
         self.batch = len(caches)
-        self.positions = [c.seq_len for c in caches]
+
+    @property
+    def positions(self) -> list[int]:
+        return [c.seq_len for c in self.caches]
 
     @property
     def seq_len(self) -> int:  # only the transformer's single-sequence path reads it
@@ -59,6 +62,31 @@ class BatchCache:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return torch.cat([c.attend(layer, q[b : b + 1]) for b, c in enumerate(self.caches)])
+
+    # The device-length calls (`leank.runtime.graph`), row by row over the members' own: on CUDA the whole
+    # batch's step is one captured graph (each row's attention reads its own lengths from device memory),
+    # captured again when a member's buffers change or the batch does.
+    def static_prepare(self) -> bool:
+        return any([c.static_prepare() for c in self.caches])  # a list: every member makes its room
+
+    def static_signature(self) -> tuple:
+        return tuple(c.static_signature() for c in self.caches)
+
+    def static_lengths(self) -> tuple[list[int], list[int]]:
+        full, middle = zip(*(c.static_lengths() for c in self.caches))
+        return list(full), list(middle)
+
+    def static_append(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor) -> None:
+        for b, c in enumerate(self.caches):
+            c.static_append(layer, k[b : b + 1], v[b : b + 1], at[b : b + 1])
+
+    def static_attend(self, layer: int, q: torch.Tensor, full_lens: torch.Tensor, middle_lens: torch.Tensor,
+                      with_middle: tuple) -> torch.Tensor:
+        return torch.cat([c.static_attend(layer, q[b : b + 1], full_lens[b : b + 1], middle_lens[b : b + 1],
+                                          with_middle[b]) for b, c in enumerate(self.caches)])
+
+    def static_advance(self) -> bool:
+        return any([c.static_advance() for c in self.caches])
 
 
 @dataclass
@@ -135,6 +163,7 @@ class Engine:
         self.stopped = False
         self.thread = threading.Thread(target=self.run, name="leank-engine", daemon=True)
         self.steps = 0
+        self._batch: BatchCache | None = None  # the caches decoding together at the last step
 
     # --- the web layer's side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -306,7 +335,12 @@ class Engine:
 
     def _step(self, active: list[Slot]) -> None:
         tokens = torch.tensor([s.next_token for s in active], dtype=torch.long)
-        batch = BatchCache([s.cache for s in active])
+        caches = [s.cache for s in active]
+        # the same batch object while the same caches decode together: on CUDA its captured step is replayed
+        if self._batch is None or len(self._batch.caches) != len(caches) or any(
+                a is not b for a, b in zip(self._batch.caches, caches)):
+            self._batch = BatchCache(caches)
+        batch = self._batch
         try:
             logits = step(self.model.transformer, batch, tokens)
         except Exception as e:

@@ -113,10 +113,17 @@ class Model:
         `capacity`: tokens per sequence to reserve room for up front (0: buffers grow as tokens come)."""
         policy = self.policy if policy is None else policy
         a = self.args
-        if policy is None or policy.is_dense:
-            return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,
-                              capacity=capacity)
-        return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype, capacity=capacity)
+        if capacity > a.context_length:  # said before anything is allocated
+            self._check_length(capacity)
+        try:
+            if policy is None or policy.is_dense:
+                return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,
+                                  capacity=capacity)
+            return CompressedCache(policy, a, batch, device=self.device, dtype=self.dtype, capacity=capacity)
+        except torch.OutOfMemoryError as e:
+            kind = "dense" if policy is None or policy.is_dense else "compressed"
+            raise LeankError(f"a {kind} KV cache for {batch} x {capacity} tokens does not fit in "
+                             f"{self.device.type.upper()} memory ({str(e).splitlines()[0][:160]})") from None
 
     # --- scoring ------------------------------------------------------------------------------------
     def _check_length(self, n: int) -> None:

@@ -149,3 +149,19 @@ def test_static_step_over_a_batch_of_sequences_at_their_own_lengths(make_tiny, n
         assert len({c.layers[0].middle_len for c in ours}) > 1
         assert [c.layers[0].middle_len for c in ours] == [c.layers[0].middle_len for c in alone]
     assert worst <= (5e-3 if policy is not None and policy.rotate else 1e-4) and agree == 3 * n
+
+
+def test_a_capacity_past_the_context_or_out_of_memory_is_one_clear_error(make_tiny, monkeypatch):
+    from leank.errors import LeankError
+
+    m = leank.load(make_tiny(arch="llama", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256), device="cpu")
+    with pytest.raises(LeankError, match=rf"{m.args.context_length + 1} tokens exceed the model's context of"):
+        m.new_cache(capacity=m.args.context_length + 1)
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(DenseCache, "__init__", no_room)
+    with pytest.raises(LeankError, match=r"a dense KV cache for 2 x 512 tokens does not fit in CPU memory "
+                                         r"\(CUDA out of memory. Tried to allocate 96.00 GiB\)"):
+        m.new_cache(batch=2, capacity=512)

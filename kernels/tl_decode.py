@@ -159,13 +159,7 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
             k_s = T.alloc_shared((BN, D), dtype)
             v_s = T.alloc_shared((BN, D), dtype)
             p_s = T.alloc_shared((BH, BN), dtype)
-            acc_s = T.alloc_fragment((BH, BN), ACCUM)
-            acc_o = T.alloc_fragment((BH, D), ACCUM)
-            m = T.alloc_fragment((BH,), ACCUM)
-            m_prev = T.alloc_fragment((BH,), ACCUM)
-            alpha = T.alloc_fragment((BH,), ACCUM)
-            row_sum = T.alloc_fragment((BH,), ACCUM)
-            l = T.alloc_fragment((BH,), ACCUM)
+            acc_s, acc_o, m, m_prev, alpha, row_sum, l = _softmax_state(BH, BN, D)
 
             n = T.alloc_var("int32")
             if has_lens:
@@ -176,9 +170,7 @@ def full_decode(head_dim: int, gqa: int, dtype: str, has_lens: bool, block_n: in
 
             for r, d in T.Parallel(BH, D):
                 q_s[r, d] = T.if_then_else(r < R, q[b, h * R + T.min(r, R - 1), d], T.cast(0, dtype))
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(ACCUM))
+            _softmax_init(acc_o, l, m)
             for kb in T.serial(n_blocks):
                 t0 = start + kb * BN
                 for t, d in T.Parallel(BN, D):
@@ -326,13 +318,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
             if pf16:
                 k_r = T.alloc_fragment((BN, CP), dtype)
                 v_r = T.alloc_fragment((BN, D), dtype)
-            acc_s = T.alloc_fragment((BH, BN), ACCUM)
-            acc_o = T.alloc_fragment((BH, D), ACCUM)
-            m = T.alloc_fragment((BH,), ACCUM)
-            m_prev = T.alloc_fragment((BH,), ACCUM)
-            alpha = T.alloc_fragment((BH,), ACCUM)
-            row_sum = T.alloc_fragment((BH,), ACCUM)
-            l = T.alloc_fragment((BH,), ACCUM)
+            acc_s, acc_o, m, m_prev, alpha, row_sum, l = _softmax_state(BH, BN, D)
 
             h = heads[hi]
             n = T.alloc_var("int32")
@@ -348,9 +334,7 @@ def middle_decode(head_dim: int, gqa: int, dtype: str, n_channels: int, k_bits: 
                     q[b, h * R + T.min(r, R - 1), channels[hi, T.min(kch(j), C - 1)]],
                     T.cast(0, dtype),
                 )
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(ACCUM))
+            _softmax_init(acc_o, l, m)
             # tile 0, loaded only where the split has a tile: in a CUDA graph planned for a capacity, a short
             # sequence leaves many splits empty (addresses are clamped in any case)
             if pf or pf16:
@@ -545,6 +529,22 @@ def _split_range(n, sid, n_splits, min_chunk, block_n: int):
     start = sid * chunk
     end = T.min(start + chunk, n)
     return start, end, T.ceildiv(T.max(end - start, 0), block_n)
+
+
+def _softmax_state(BH: int, BN: int, D: int) -> tuple:
+    """The online softmax's fragments, allocated where this is called (in a kernel's body): a tile's
+    scores (BH, BN), the output (BH, D), and per row the running max, the previous max, the rescale, the
+    tile's sum and the running sum."""
+    return (T.alloc_fragment((BH, BN), ACCUM), T.alloc_fragment((BH, D), ACCUM), T.alloc_fragment((BH,), ACCUM),
+            T.alloc_fragment((BH,), ACCUM), T.alloc_fragment((BH,), ACCUM), T.alloc_fragment((BH,), ACCUM),
+            T.alloc_fragment((BH,), ACCUM))
+
+
+@T.macro
+def _softmax_init(acc_o, l, m):
+    T.fill(acc_o, 0)
+    T.fill(l, 0)
+    T.fill(m, -T.infinity(ACCUM))
 
 
 @T.macro

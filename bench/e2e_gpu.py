@@ -12,14 +12,22 @@ scales: Q4_K matrices and embedding, Q6_K ffn_down and output, as llama.cpp's Q4
 layers), whose matrices stay in their blocks on the GPU; the GPU memory the weights take is reported
 beside the file's tensor bytes.
 
+`--llama-bin DIR` (llama.cpp's build/bin, `../shared/device/build-llamacpp-cuda.sh`) runs llama.cpp on the
+same file in the same run first: `llama-bench` at the same depths with its f16 and q4_0 caches, with
+`--prefill N` its N-token prompt speed, and `llama-batched-bench` at the largest batch of f16 and q4_0
+caches that fits the budget; every figure lands in one table and one JSON file. `--prefill N` times
+leank's N-token prefill too (dense and compressed caches).
+
     python bench/e2e_gpu.py --mask ../shared/data/leank-masks/llama3.1-8b-instruct.pth --budget-gib 64
     python bench/e2e_gpu.py --weights q4_k_m --contexts 0,32768 --no-largest
+    python bench/e2e_gpu.py --weights q4_k_m --contexts 0,8192,32768,131072 --prefill 32768 --llama-bin /tmp/lc/build/bin
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -110,6 +118,70 @@ def run(model, kind: str, policy, args, batch: int, context: int, steps: int, ge
     return out
 
 
+def llama_cpp(bin_dir: Path, gguf: Path, depths: list[int], prefill: int, batch_ctx: int, budget_gib: float,
+              file_gib: float) -> list[dict]:
+    """llama.cpp on the same file: llama-bench decode (64 tokens) at each depth with f16 and q4_0 K/V,
+    its `prefill`-token prompt speed, and llama-batched-bench's decode at the largest batch of `batch_ctx`
+    tokens a sequence whose cache fits `budget_gib` beside the weights and 2 GiB of buffers (Llama-3.1-8B's
+    cache: 2 x 32 layers x 8 KV heads x 128 values a token, 2 bytes each in f16, 18 per 32 in q4_0)."""
+    rows = []
+
+    def run(cmd: list[str]) -> str:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if r.returncode:
+            raise SystemExit(f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+        return r.stdout
+
+    bench, batched = str(bin_dir / "llama-bench"), str(bin_dir / "llama-batched-bench")
+    for kv in ("f16", "q4_0"):
+        out = run([bench, "-m", str(gguf), "-ngl", "99", "-fa", "1", "-p", "0", "-n", "64", "-d",
+                   ",".join(str(d) for d in depths), "-ctk", kv, "-ctv", kv, "-r", "2", "-o", "json"])
+        for t in json.loads(out):
+            rows.append(dict(engine="llama.cpp", kv=kv, role="batch 1", context=t["n_depth"], batch=1,
+                             tokens_per_second=t["avg_ts"], stddev=t["stddev_ts"]))
+    if prefill:
+        out = run([bench, "-m", str(gguf), "-ngl", "99", "-fa", "1", "-p", str(prefill), "-n", "0", "-r", "2",
+                   "-o", "json"])
+        for t in json.loads(out):
+            rows.append(dict(engine="llama.cpp", kv="f16", role=f"prefill {prefill}", context=0, batch=1,
+                             tokens_per_second=t["avg_ts"], stddev=t["stddev_ts"]))
+    if batch_ctx:
+        per_token = {"f16": 2 * 32 * 8 * 128 * 2, "q4_0": 2 * 32 * 8 * 128 * 18 / 32}  # Llama-3.1-8B's cache
+        for kv, nbytes in per_token.items():
+            npl = int((budget_gib - file_gib - 2.0) * 2**30 // (nbytes * (batch_ctx + 16)))  # 2 GiB of buffers
+            out = run([batched, "-m", str(gguf), "-ngl", "99", "-fa", "on", "-npp", str(batch_ctx), "-ntg", "16",
+                       "-npl", str(npl), "-c", str(npl * (batch_ctx + 16)), "-ctk", kv, "-ctv", kv,
+                       "--output-format", "jsonl"])
+            for line in out.splitlines():  # one JSON object a configuration (log lines may share stdout)
+                start = line.find("{")
+                t = json.loads(line[start:]) if start >= 0 else {}
+                if "speed_tg" in t:
+                    rows.append(dict(engine="llama.cpp", kv=kv, role=f"largest batch within {budget_gib:g} GiB",
+                                     context=t["pp"], batch=t["pl"], tokens_per_second=t["speed_tg"],
+                                     prefill_tokens_per_second=t["speed_pp"]))
+    return rows
+
+
+@torch.inference_mode()
+def prefill_speed(model, kind: str, policy, args, n: int, gen) -> dict:
+    """leank's prompt speed: `n` random tokens prefilled into an empty cache (one sequence)."""
+    from leank.runtime.decode import prefill
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(kind, policy, args, 1, model.dtype, n + 8)
+    tokens = torch.randint(0, args.vocab_size, (1, n), device="cuda", generator=gen)
+    prefill(model, make_cache(kind, policy, args, 1, model.dtype, 1024), tokens[:, :512])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.time()
+    prefill(model, cache, tokens)
+    torch.cuda.synchronize()
+    dt = time.time() - t0
+    return dict(kind=kind, engine="leank", role=f"prefill {n}", batch=1, context=0, tokens_per_second=n / dt,
+                seconds=dt, peak_gib=gib(torch.cuda.max_memory_allocated()))
+
+
 def kernel_profile(step, tokens, n: int, top: int = 30) -> dict:
     """The GPU time of `n` more steps by kernel (torch.profiler, CUPTI: kernels inside a graph replay are
     recorded one by one): per step, the total and the `top` kernels (name, microseconds, launches)."""
@@ -144,6 +216,9 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=64.0, help="GPU memory budget for the largest batch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out", type=Path, default=Path("bench/out/e2e_gpu.json"))
+    ap.add_argument("--llama-bin", type=Path, default=None, metavar="DIR",
+                    help="llama.cpp's bin folder: run llama-bench / llama-batched-bench on the same file first")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N", help="also time an N-token prefill")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after each batch-1 run, profile N more steps by kernel (torch.profiler)")
     args_cli = ap.parse_args()
@@ -160,6 +235,15 @@ def main() -> None:
         t0 = time.time()
         write_tiny_model(args_cli.gguf, TinySpec(**{**LLAMA31_8B, **WEIGHTS[args_cli.weights]}))
         console.print(f"wrote {args_cli.gguf} ({gib(args_cli.gguf.stat().st_size):.1f} GiB) in {time.time() - t0:.0f} s")
+    peer = []
+    if args_cli.llama_bin is not None:  # llama.cpp first: the GPU is all its own
+        t0 = time.time()
+        peer = llama_cpp(args_cli.llama_bin, args_cli.gguf, [int(c) for c in args_cli.contexts.split(",")],
+                         args_cli.prefill, 0 if args_cli.no_largest else int(args_cli.contexts.split(",")[-1]),
+                         args_cli.budget_gib, gib(args_cli.gguf.stat().st_size))
+        for r in peer:
+            console.print(r)
+        console.print(f"llama.cpp: {time.time() - t0:.0f} s")
     t0 = time.time()
     f = GGUFFile(args_cli.gguf)
     margs = read_model_args(f)
@@ -190,6 +274,10 @@ def main() -> None:
     results = []
     contexts = [int(c) for c in args_cli.contexts.split(",")]
     for kind in ("dense", "leank+kivi2"):
+        if args_cli.prefill:
+            r = prefill_speed(model, kind, policy, margs, args_cli.prefill, gen)
+            results.append(r)
+            console.print(r)
         engines = ["graph", "eager"] if args_cli.engine == "both" else [args_cli.engine]
         for context in contexts:
             for engine in engines:
@@ -222,17 +310,23 @@ def main() -> None:
             console.print(f"{kind}: batch {batch} does not fit ({why})")
             batch = int(batch * 0.95)
     table = Table(title=f"decode, Llama-3.1-8B shapes (random {args_cli.weights} weights, {args_cli.dtype}), {card}")
-    for col in ("cache", "engine", "role", "context", "batch", "tokens/s", "ms/step", "cache GiB", "peak GiB", "attention"):
+    for col in ("engine", "cache", "mode", "role", "context", "batch", "tokens/s", "ms/step", "cache GiB", "peak GiB"):
         table.add_column(col, justify="right")
+    for r in peer:
+        table.add_row("llama.cpp", r["kv"], "", r["role"], str(r["context"]), str(r["batch"]),
+                      f"{r['tokens_per_second']:.1f}", "", "", "")
     for r in results:
-        table.add_row(r["kind"], r["engine"], r["role"], str(r["context"]), str(r["batch"]), f"{r['tokens_per_second']:.1f}",
-                      f"{r['ms_per_step']:.1f}", f"{r['cache_gib']:.2f}", f"{r['peak_gib']:.2f}", r["attention"])
+        ms = f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else ""
+        cache = f"{r['cache_gib']:.2f}" if "cache_gib" in r else ""
+        table.add_row("leank", r["kind"], r.get("engine", ""), r["role"], str(r["context"]), str(r["batch"]),
+                      f"{r['tokens_per_second']:.1f}", ms, cache, f"{r['peak_gib']:.2f}")
     console.print(table)
     args_cli.out.parent.mkdir(parents=True, exist_ok=True)
     args_cli.out.write_text(json.dumps(dict(card=card, date=str(date.today()), dtype=args_cli.dtype,
                                             weights=args_cli.weights, weights_gib=gib(weights),
                                             tensor_gib=gib(tensor_bytes), budget_gib=args_cli.budget_gib,
-                                            context_filled_with="random K/V (no prefill)", results=results), indent=1))
+                                            context_filled_with="random K/V (no prefill)", results=results,
+                                            llama_cpp=peer), indent=1))
     console.print(f"wrote {args_cli.out}")
 
 

@@ -189,7 +189,7 @@ def table(args) -> None:
         else:
             at_ctx = f"{r['fp16_bytes_per_token'] / bpt:.2f}"
         rel = 100 * (r["decode_perplexity"] / r["dense_decode_perplexity"] - 1)
-        print(f"| {Path(r['model']).name.split('.')[0]} | {r['policy']} | {r['tokens']} | {bpt:.0f} | "
+        print(f"| {Path(r['model']).name.removesuffix('.gguf')} | {r['policy']} | {r['tokens']} | {bpt:.0f} | "
               f"{r['fp16_bytes_per_token'] / bpt:.2f} | {mid} | {at_ctx} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
               f"{r['kld_p99']:.3f} | {r['top1_agreement']:.3f} | {r['decode_perplexity']:.3f} | "
               f"{r['dense_decode_perplexity']:.3f} | {rel:+.2f} % |")

@@ -47,10 +47,13 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _tokens(model, ctx: int) -> list[int]:
-    ids = model.tokenize(offline_text())[:ctx]
+def _tokens(tokenizer, ctx: int, prefix: int) -> list[int]:
+    """The text's first `ctx` tokens (`tokenizer`: a leank Model or Tokenizer, llama.cpp's either way)."""
+    ids = tokenizer.tokenize(offline_text())[:ctx]
     if len(ids) < ctx:
-        raise SystemExit(f"the text has only {len(ids)} tokens")
+        raise SystemExit(f"the text has only {len(ids)} tokens, fewer than --ctx {ctx}")
+    if not 1 <= prefix <= ctx - 2:
+        raise SystemExit(f"--prefix must be from 1 to --ctx - 2 ({ctx - 2}), got {prefix}")
     return ids
 
 
@@ -60,15 +63,20 @@ def leank_run(args) -> None:
     import leank
     from leank.masks.choose import parse_policies
     from leank.masks.evaluate import kl_divergence
+    from leank.runtime.cache.base import kv_dtype
 
     torch.set_num_threads(args.threads)
     model = leank.load(args.model, device="cpu")
-    ids = _tokens(model, args.ctx)
+    ids = _tokens(model, args.ctx, args.prefix)
     policies = parse_policies(args.policies, model)
-    elt = torch.finfo(model.dtype).bits // 8
+    # the full region's element size as stored here (float16 for a float32 model on a CPU: `kv_dtype`)
+    elt = torch.finfo(kv_dtype(model.device, model.dtype)).bits // 8
+    # one pass for every policy: the prefill (and the dense reference) is shared, the decode is per policy
+    t0 = time.perf_counter()
+    results = kl_divergence(model, ids, policies, decode_from=args.prefix, reference=args.reference)
+    seconds = time.perf_counter() - t0
     for spec, policy in policies.items():
-        t0 = time.perf_counter()
-        r = kl_divergence(model, ids, {spec: policy}, decode_from=args.prefix, reference=args.reference)[spec]
+        r = results[spec]
         c = r["cache"]
         middle = c["middle_k"] + c["middle_v"] + c["scales"]
         a = model.args
@@ -79,7 +87,7 @@ def leank_run(args) -> None:
                   "middle_ratio": fp16_per_token * c["middle_tokens"] / middle if middle else None,
                   "bytes_per_token_fp16_full": (c["full"] * 2 / elt + middle) / c["tokens"],
                   "fp16_bytes_per_token": fp16_per_token, "threads": args.threads,
-                  "seconds": round(time.perf_counter() - t0, 1), **_where()}
+                  "seconds": round(seconds, 1), "policies_in_run": len(policies), **_where()}
         _append(args.out, record)
         print(spec, {k: record[k] for k in ("kld_mean", "kld_p99", "top1_agreement", "decode_perplexity",
                                             "dense_decode_perplexity", "middle_ratio", "bytes_per_token_fp16_full",
@@ -90,29 +98,44 @@ def llama_run(args) -> None:
     import gc
 
     import llama_cpp
+    import numpy as np
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    import leank
     from leank.masks.evaluate import divergence_stats, summarize_divergence
     from leank.runtime.engine import open_header
+    from leank.runtime.text.tokenizer import Tokenizer
 
     header = open_header(args.model)
     a = header.args
-    # the tokens leank scores (leank's tokenizer is llama.cpp's)
-    ids = _tokens(leank.load(args.model, device="cpu"), args.ctx)
     path = str(header.path)
+    # the tokens leank scores (leank's tokenizer is llama.cpp's)
+    ids = _tokens(Tokenizer(path), args.ctx, args.prefix)
+    batch = 512
 
     def logits(type_name: str) -> tuple[torch.Tensor, float]:
+        """Teacher-forced logits of positions --prefix .. ctx-2 only: llama.cpp's `logits_all` would keep
+        a row for every position (16K x 152K floats = 10 GB on Qwen2.5), so the batches ask for rows
+        themselves, only where scored positions are."""
         t0 = time.perf_counter()
         ggml = int(GGMLQuantizationType[LLAMA_TYPES[type_name]])
-        llm = llama_cpp.Llama(path, n_ctx=len(ids), n_batch=512, n_ubatch=512, logits_all=True, flash_attn=True,
-                              type_k=ggml, type_v=ggml, n_threads=args.threads, verbose=False)
-        llm.eval(ids[:-1])
-        rows = torch.from_numpy(llm.scores[args.prefix : len(ids) - 1].copy())
+        llm = llama_cpp.Llama(path, n_ctx=len(ids), n_batch=batch, n_ubatch=batch, logits_all=False, flash_attn=True,
+                              type_k=ggml, type_v=ggml, n_threads=args.threads, n_threads_batch=args.threads,
+                              verbose=False)
+        vocab, fed, rows = llm.n_vocab(), ids[:-1], []
+        for i in range(0, len(fed), batch):
+            part = fed[i : i + batch]
+            want = i + len(part) > args.prefix
+            llm._batch.set_batch(batch=part, n_past=i, logits_all=want)
+            llm._ctx.decode(llm._batch)
+            if want:
+                out = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(part), vocab))
+                rows.append(torch.from_numpy(out[max(0, args.prefix - i) :].copy()))
         del llm
         gc.collect()
-        return rows, time.perf_counter() - t0
+        out = torch.cat(rows)
+        assert out.shape[0] == len(ids) - 1 - args.prefix
+        return out, time.perf_counter() - t0
 
     ref, ref_s = logits("f16")
     targets = torch.tensor(ids[args.prefix + 1 :])
@@ -151,6 +174,8 @@ def table(args) -> None:
     from leank.runtime.engine import open_header
 
     records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    if args.model:  # table --model FILE: that model's records only
+        records = [r for r in records if Path(r["model"]).name == Path(args.model).name]
     headers = {}
     print(f"| model | cache | tokens | bytes/token | x smaller than fp16 | middle x smaller | whole cache x smaller at "
           f"{args.ctx} (default window) | mean KLD | KLD p99 | top-1 = dense | decode ppl | dense ppl | vs dense |")
@@ -164,7 +189,7 @@ def table(args) -> None:
         else:
             at_ctx = f"{r['fp16_bytes_per_token'] / bpt:.2f}"
         rel = 100 * (r["decode_perplexity"] / r["dense_decode_perplexity"] - 1)
-        print(f"| {Path(r['model']).name.split('.')[0]} | {r['policy']} | {r['tokens']} | {bpt:.0f} | "
+        print(f"| {Path(r['model']).name.removesuffix('.gguf')} | {r['policy']} | {r['tokens']} | {bpt:.0f} | "
               f"{r['fp16_bytes_per_token'] / bpt:.2f} | {mid} | {at_ctx} | {r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | "
               f"{r['kld_p99']:.3f} | {r['top1_agreement']:.3f} | {r['decode_perplexity']:.3f} | "
               f"{r['dense_decode_perplexity']:.3f} | {rel:+.2f} % |")

@@ -251,7 +251,8 @@ def kl_divergence(model, ids: Sequence[int], policies: dict[str, CachePolicy], d
 
     `reference="decode"` decodes a dense cache in lockstep with the policies; "prefill" takes dense's
     logits from one teacher-forced pass over the whole text instead (the same function of the same
-    tokens, up to float rounding: one pass instead of one step per token, for long texts on a CPU).
+    tokens, up to float rounding: one pass instead of one step per token, for long texts on a CPU);
+    that pass also gives the prefix's K/V, so the text is prefilled once, not twice.
     """
     ids = list(ids)
     if reference not in REFERENCES:
@@ -270,12 +271,16 @@ def kl_divergence(model, ids: Sequence[int], policies: dict[str, CachePolicy], d
     a = model.args
     n = len(ids) - 1 - decode_from  # decoded positions: tokens decode_from .. len-2 are fed, each scored
     ref_rows = None
-    if reference == "prefill":  # dense logits of the scored positions, from one pass
-        ref_rows = model.logits(ids[: len(ids) - 1])[decode_from:]
     dense = DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, device=model.device, dtype=model.dtype,
                        capacity=len(ids))
-    model.transformer(torch.tensor([ids[:decode_from]], dtype=torch.long, device=model.device), dense,
-                      logits_for="none")
+    if reference == "prefill":
+        # dense logits of the scored positions (only those rows: 16K on a 152K vocabulary would be 10 GB)
+        # from one pass over the text, whose first `decode_from` tokens' K/V are the prefix's (causal)
+        ref_rows = model.logits(ids[: len(ids) - 1], dense, start=decode_from)
+        dense.truncate(decode_from)
+    else:
+        model.transformer(torch.tensor([ids[:decode_from]], dtype=torch.long, device=model.device), dense,
+                          logits_for="none")
     caches = {name: compress_cache(dense, p, a) for name, p in policies.items()}
     kld = {name: torch.empty(n, dtype=torch.float64) for name in policies}
     top1 = {name: torch.empty(n, dtype=torch.bool) for name in policies}

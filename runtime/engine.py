@@ -131,17 +131,21 @@ class Model:
             raise LeankError(f"{n} tokens exceed the model's context of {self.args.context_length}")
 
     @torch.inference_mode()
-    def logits(self, ids: Sequence[int], cache: KVCache | None = None) -> torch.Tensor:
-        """Teacher-forced logits, one float32 row per position: (len(ids), vocab), on the CPU."""
+    def logits(self, ids: Sequence[int], cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Teacher-forced logits, one float32 row per position from `start` on: (len(ids) - start, vocab),
+        on the CPU. Every token goes through the model (and into `cache`); only the rows asked for are
+        computed and kept (a 16K-token text on a 152K-token vocabulary would take 10 GB of rows)."""
         ids = list(ids)
         if not ids:
             raise LeankError("no tokens to score")
+        if not 0 <= start < len(ids):
+            raise LeankError(f"start must be within the {len(ids)} tokens, got {start}")
         cache = self.new_cache() if cache is None else cache
         self._check_length(cache.seq_len + len(ids))
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         hidden = self.transformer(x, cache, logits_for="none")[0]
         head = self.transformer.output
-        return torch.cat([head(hidden[i : i + LOGITS_CHUNK]).float().cpu() for i in range(0, len(ids), LOGITS_CHUNK)])
+        return torch.cat([head(hidden[i : i + LOGITS_CHUNK]).float().cpu() for i in range(start, len(ids), LOGITS_CHUNK)])
 
     @torch.inference_mode()
     def perplexity(self, ids: Sequence[int], decode_from: int | None = None, policy=None,

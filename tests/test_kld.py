@@ -172,3 +172,15 @@ def test_rotation_survives_conversion(make_tiny, tmp_path):
     rot, plain = open_header(tmp_path / "rot.gguf").policy, open_header(tmp_path / "plain.gguf").policy
     assert rot.rotate and (rot.k_bits, rot.v_bits) == (4, 2) and not plain.rotate
     assert parse_policy("kivi2", leank.load(tmp_path / "rot.gguf", device="cpu")).rotate  # the file's choice carries
+
+
+def test_logits_from_start_are_the_rows_of_the_whole_pass(tiny):
+    ids = text_ids(tiny, 90, seed=6)
+    whole = tiny.logits(ids)
+    cache = tiny.new_cache()
+    tail = tiny.logits(ids, cache, start=70)
+    assert tail.shape == (20, whole.shape[1]) and torch.equal(tail, whole[70:])
+    assert cache.seq_len == 90  # every token went through the model, only the asked rows were kept
+    for bad in (-1, 90):
+        with pytest.raises(LeankError, match="start must be within"):
+            tiny.logits(ids, start=bad)

@@ -20,11 +20,12 @@ in one line on stderr and the cache decodes op by op from then on (never silentl
 """
 from __future__ import annotations
 
-import os
 import sys
 import weakref
 
 import torch
+
+from leank.kernels.cpu import switched_off
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> GraphStep, or False: op by op
 # transformers whose capture over a batch of caches failed: a server's batch changes as requests come and go,
@@ -33,7 +34,7 @@ _BATCH_FAILED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def graphs_enabled() -> bool:
-    return os.environ.get("LEANK_CUDA_GRAPHS", "1") != "0"
+    return not switched_off("LEANK_CUDA_GRAPHS")
 
 
 def graph_step(transformer, cache) -> "GraphStep | None":

@@ -12,15 +12,12 @@ reproduces llama.cpp's float32 arithmetic exactly.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from leank.errors import LeankError
 from leank.kernels import cpu, dispatch, ggml_cpu
 from leank.kernels.gguf_cuda import TYPES as CUDA_BLOCK_TYPES
-from leank.runtime.graph import graphs_enabled
 
 WEIGHT_MODES = ("auto", "float32", "float16", "quantized")
 
@@ -314,11 +311,6 @@ def storage_mode(requested: str, source_type: str, device: torch.device, dtype: 
     return requested
 
 
-def cuda_fused_enabled() -> bool:
-    """LEANK_CUDA_FUSED=0 turns off the fused CUDA decode step (`Transformer.fusable`)."""
-    return os.environ.get("LEANK_CUDA_FUSED", "1") != "0"
-
-
 def weights_path(tensor_types: dict[str, int], device: torch.device) -> str:
     """How `leank.load(..., weights="auto")` stores and multiplies a file's matrices on `device`."""
     if device.type == "cuda":
@@ -330,8 +322,10 @@ def weights_path(tensor_types: dict[str, int], device: torch.device) -> str:
                                         "; LEANK_CUDA_BLOCKS=0" if cpu.switched_off("LEANK_CUDA_BLOCKS") else "")
             return "cuda: dequantized to the compute dtype, torch matmul" + why
         step = ("decode steps fused (RMSNorm, SiLU and RoPE in 4 kernels beside the gemv; LEANK_CUDA_FUSED=0: "
-                "unfused)" if not left and cuda_fused_enabled() else "decode steps op by op between the gemv kernels")
-        graphs = "one CUDA-graph replay a step" if graphs_enabled() else "CUDA graphs off (LEANK_CUDA_GRAPHS=0)"
+                "unfused)" if not left and not cpu.switched_off("LEANK_CUDA_FUSED") else
+                "decode steps op by op between the gemv kernels")
+        graphs = ("CUDA graphs off (LEANK_CUDA_GRAPHS=0)" if cpu.switched_off("LEANK_CUDA_GRAPHS")
+                  else "one CUDA-graph replay a step")
         return (f"cuda: {', '.join(kept)} kept in GGUF blocks (TileLang: decoded in registers for up to "
                 f"8 rows, else slices decoded for cuBLAS)" + (f"; {', '.join(left)} dequantized" if left else "")
                 + f"; {step}; {graphs}")

@@ -20,8 +20,7 @@ from leank.kernels import ggml_cpu
 from leank.runtime.arch.args import ModelArgs
 from leank.runtime.arch.base import tensor_name
 from leank.runtime.gguf.reader import GGUFFile
-from leank.runtime.model.linear import (CudaQuantLinear, Linear, QuantLinear, cuda_fused_enabled, expansion_reason,
-                                        make_linear, storage_mode)
+from leank.runtime.model.linear import CudaQuantLinear, Linear, QuantLinear, expansion_reason, make_linear, storage_mode
 from leank.runtime.model.rope import Rope, RopeTables
 
 EMBEDDINGS = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
@@ -33,8 +32,6 @@ FFN_CHUNK_TOKENS = 2048
 # batch size seen gets its own: ~(n_layers dim + 5 dim + 3 F + 2 (Hq + 2 Hkv) D) 4 bytes a row (the residual
 # stream of every layer, one segment's scratch, q|k|v), ~0.3 MiB a row on the 1.5B Qwen2.5-Coder.
 CPU_STEP_MAX_ROWS = 16
-
-
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -181,7 +178,6 @@ class Transformer(nn.Module):
             return x
         return self.output(x).float()
 
-
     def fusable(self, rows: int) -> bool:
         """Whether a decode step of `rows` sequences runs fused (`Block.fused_forward`): CUDA, half
         precision, every matrix in GGUF blocks (`CudaQuantLinear`), at most GEMV_ROWS rows, plain RoPE over
@@ -196,7 +192,7 @@ class Transformer(nn.Module):
                              and a.rope_dims == a.head_dim and a.rope_mode in ("neox", "interleaved")
                              and a.dim % 32 == 0 and a.ffn_dim % 32 == 0 and (a.n_heads * a.head_dim) % 32 == 0
                              and self.rope.dtype == torch.float32)
-        return self._fusable and rows <= self.output._tl.GEMV_ROWS and cuda_fused_enabled()
+        return self._fusable and rows <= self.output._tl.GEMV_ROWS and not cpu_kernels.switched_off("LEANK_CUDA_FUSED")
 
     def _fused_step(self, tokens: torch.Tensor, positions, cache) -> torch.Tensor:
         """One token per row through `Block.fused_forward`: logits (B, 1, vocab) float32."""

@@ -16,7 +16,7 @@ its capacity), or the middle region's first tokens. `signature()` says which.
     logits = step(tokens)                   # (B,) token ids on the host -> (B, vocab) float32 on the GPU
 
 `LEANK_CUDA_GRAPHS=0` turns graphs off (every step op by op, as before). A capture that fails says so
-in one line on stderr and the cache decodes op by op from then on (never silently slow).
+in one line on stderr and the model's caches decode op by op from then on (never silently slow).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import torch
 from leank.kernels.cpu import switched_off
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # cache -> GraphStep, or False: op by op
-# transformers whose capture over a batch of caches failed: a server's batch changes as requests come and go,
-# and each new batch would try (and say so) again
-_BATCH_FAILED: "weakref.WeakSet" = weakref.WeakSet()
+# models whose capture failed: every cache of theirs decodes op by op from then on (a chat's next cache, a
+# server's next batch would otherwise try, and say so, again)
+_FAILED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def graphs_enabled() -> bool:
@@ -40,12 +40,10 @@ def graphs_enabled() -> bool:
 def graph_step(transformer, cache) -> "GraphStep | None":
     """The captured step of `cache` under `transformer`, made on first use; None where it does not apply:
     not CUDA, not float16/bfloat16, a cache without device lengths (`static_attend`), graphs turned off,
-    or an earlier capture of this cache that failed."""
+    or an earlier capture under this model that failed."""
     if transformer.device.type != "cuda" or transformer.dtype not in (torch.float16, torch.bfloat16):
         return None
-    if not graphs_enabled() or not hasattr(cache, "static_attend"):
-        return None
-    if hasattr(cache, "caches") and transformer in _BATCH_FAILED:
+    if not graphs_enabled() or not hasattr(cache, "static_attend") or transformer in _FAILED:
         return None
     step = _STEPS.get(cache)
     if step is None:
@@ -56,7 +54,7 @@ def graph_step(transformer, cache) -> "GraphStep | None":
 class _StepView:
     """What the transformer sees during a captured step: the cache's device-length calls."""
 
-    def __init__(self, cache, positions, at, full_lens, middle_lens, with_middle: bool):
+    def __init__(self, cache, positions, at, full_lens, middle_lens, with_middle: bool | tuple):
         self.cache, self.positions, self.at = cache, positions, at
         self.full_lens, self.middle_lens, self.with_middle = full_lens, middle_lens, with_middle
 
@@ -67,11 +65,11 @@ class _StepView:
         return self.cache.static_attend(layer, q, self.full_lens, self.middle_lens, self.with_middle)
 
 
-def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool, int]:
+def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool | tuple, tuple]:
     """Before a step: room in the cache's buffers and the RoPE tables for one more token, and the cache's
     host lengths into `meta` (3, B) int64: per row the full-region index the new token goes to, its
-    position, the middle region's length. Returns (a cache buffer changed, the middle holds tokens, tokens
-    the cache holds); the last two per row (tuples) for a cache whose rows have their own lengths."""
+    position, the middle region's length. Returns (a cache buffer changed, the middle holds tokens: one flag,
+    or one per row for a cache whose rows have their own lengths, the tokens each row holds)."""
     changed = cache.static_prepare()
     full, middle = cache.static_lengths()
     if isinstance(full, int):  # every row at one length
@@ -79,7 +77,7 @@ def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool, int]
         meta[1].fill_(full + middle)
         meta[2].fill_(middle)
         transformer.rope.reserve(full + middle + 1)
-        return changed, middle > 0, full + middle
+        return changed, middle > 0, (full + middle,) * meta.shape[1]
     # rows at their own lengths (`leank.runtime.server.slots.BatchCache`): per-row lists
     f, m = torch.tensor(full, dtype=torch.long), torch.tensor(middle, dtype=torch.long)
     meta[0].copy_(f)
@@ -90,7 +88,8 @@ def begin_step(transformer, cache, meta: torch.Tensor) -> tuple[bool, bool, int]
     return changed, tuple(n > 0 for n in middle), seq
 
 
-def static_forward(transformer, cache, tokens: torch.Tensor, meta: torch.Tensor, with_middle: bool) -> torch.Tensor:
+def static_forward(transformer, cache, tokens: torch.Tensor, meta: torch.Tensor,
+                   with_middle: bool | tuple) -> torch.Tensor:
     """One step through the cache's device-length calls: tokens (B, 1) and `meta` (`begin_step`) on the
     model's device -> logits (B, vocab) float32. Reads nothing on the host: capturable."""
     at, pos, mid = meta[0], meta[1], meta[2]
@@ -124,14 +123,14 @@ class GraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._signature = self._current = None
-        self._moved, self._expected, self._rope_ptr = True, -1, None
+        self._moved, self._expected, self._rope_ptr = True, (), None
         self.captures = 0
 
     def signature(self) -> tuple:
         """The cache's buffers and the RoPE tables the step indexes (each may grow between steps)."""
         return self.cache.static_signature() + (self.transformer.rope.data_ptr(),)
 
-    def _forward(self, with_middle: bool) -> torch.Tensor:
+    def _forward(self, with_middle: bool | tuple) -> torch.Tensor:
         return static_forward(self.transformer, self.cache, self.tokens, self._meta, with_middle)
 
     def _capture(self, signature: tuple) -> None:
@@ -174,16 +173,14 @@ class GraphStep:
             try:
                 self._capture(signature)
             except Exception as e:  # noqa: BLE001 - any failure: say it once, decode op by op from now on
-                _STEPS[cache] = False
-                if hasattr(cache, "caches"):
-                    _BATCH_FAILED.add(self.transformer)
+                _FAILED.add(self.transformer)
                 self.graph = None
                 print(f"leank: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "decoding op by op", file=sys.stderr)
                 raise CaptureFailed from e
         self.graph.replay()
         self._moved = cache.static_advance()
-        self._expected = seq + 1 if isinstance(seq, int) else tuple(n + 1 for n in seq)
+        self._expected = tuple(n + 1 for n in seq)
         return self.logits
 
 

@@ -113,16 +113,19 @@ class Rope:
         """Where the tables are now (they move when they grow: a captured step must follow them)."""
         return self._cos.data_ptr()
 
-    def tables_at(self, positions) -> "RopeTables":
-        """The rotation for one token per row at its own position (B,), shaped to broadcast over (B, 1, H, D).
-
-        `positions`: a list of ints, or a (B,) int64 tensor on the tables' device (read there, never on
-        the host: the caller has `reserve`d tables past every position)."""
+    def at(self, positions) -> torch.Tensor:
+        """One position per row as a (B,) int64 tensor on the tables' device, the tables reserved past each.
+        `positions`: a list of ints, or such a tensor already (read there, never on the host: its caller
+        has `reserve`d the tables past every position), which passes as it is."""
         if torch.is_tensor(positions):
-            idx = positions
-        else:
-            self.reserve(max(positions) + 1)
-            idx = torch.tensor(positions, dtype=torch.long, device=self._cos.device)
+            return positions
+        self.reserve(max(positions) + 1)
+        return torch.tensor(positions, dtype=torch.long, device=self._cos.device)
+
+    def tables_at(self, positions) -> "RopeTables":
+        """The rotation for one token per row at its own position (B,) (`at`), shaped to broadcast over
+        (B, 1, H, D)."""
+        idx = self.at(positions)
         cis = None if self._cis is None else self._cis[idx][:, None, None, :]
         return RopeTables(self._cos[idx][:, None, None, :], self._sin[idx][:, None, None, :], cis, self.mode)
 

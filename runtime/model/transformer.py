@@ -198,13 +198,7 @@ class Transformer(nn.Module):
         """One token per row through `Block.fused_forward`: logits (B, 1, vocab) float32."""
         tl = self.output._tl
         B = tokens.shape[0]
-        if positions is None:  # every row at the cache's length
-            self.rope.reserve(cache.seq_len + 1)
-            positions = torch.full((B,), cache.seq_len, dtype=torch.long, device=self.device)
-        elif not torch.is_tensor(positions):  # rows at their own lengths, as host ints
-            self.rope.reserve(max(positions) + 1)
-            positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        # (a device tensor: a captured step, whose caller reserved the tables past every position)
+        positions = self.rope.at([cache.seq_len] * B if positions is None else positions)
         tables = self.rope.full_tables()
         x = self.embed(tokens).reshape(B, self.args.dim).contiguous()
         for block in self.layers:

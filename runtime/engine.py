@@ -113,8 +113,7 @@ class Model:
         `capacity`: tokens per sequence to reserve room for up front (0: buffers grow as tokens come)."""
         policy = self.policy if policy is None else policy
         a = self.args
-        if capacity > a.context_length:  # said before anything is allocated
-            self._check_length(capacity)
+        self._check_length(capacity)  # said before anything is allocated
         try:
             if policy is None or policy.is_dense:
                 return DenseCache(a.n_layers, a.n_kv_heads, a.head_dim, batch, device=self.device, dtype=self.dtype,

@@ -337,8 +337,7 @@ class Engine:
         tokens = torch.tensor([s.next_token for s in active], dtype=torch.long)
         caches = [s.cache for s in active]
         # the same batch object while the same caches decode together: on CUDA its captured step is replayed
-        if self._batch is None or len(self._batch.caches) != len(caches) or any(
-                a is not b for a, b in zip(self._batch.caches, caches)):
+        if self._batch is None or self._batch.caches != caches:  # caches compare by identity
             self._batch = BatchCache(caches)
         batch = self._batch
         try:

@@ -289,25 +289,30 @@ LEANK_HD uint32_t vsub4(uint32_t a, uint32_t b) {
 // 4 bits b0..b3 -> bit 4 of bytes 0..3
 LEANK_HD uint32_t spread4(uint32_t bits) { return ((bits & 0xFu) * 0x00204081u & 0x01010101u) << 4; }
 
-// Activations quantized to 8 bits per group of 32 (scale amax / 127, codes rint(x / scale)): 32 values v ->
-// 32 codes at xq (16-byte aligned), their scale at *xd
+// Activations quantized to 8 bits per group of 32 (scale amax / 127, codes rint(x / scale)), in pieces of 8
+// consecutive values: the step kernels give each piece to a lane and share the group's maximum by shuffles
+// (`STEP`); here a loop does. v -> codes at xq (8-byte aligned).
+LEANK_HD float piece_amax(const float* v) {
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; i++) a = fmaxf(a, fabsf(v[i]));
+  return a;
+}
+LEANK_HD void quant_piece(const float* v, float amax, int8_t* xq) {
+  const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 8; i++) w[i >> 2] |= ((uint32_t)(int)rintf(v[i] * id) & 0xFFu) << (8 * (i & 3));
+  *reinterpret_cast<uint2*>(xq) = make_uint2(w[0], w[1]);
+}
+// a whole group: 32 values v -> 32 codes at xq, their scale at *xd
 LEANK_HD void quant_32(const float* v, int8_t* xq, float* xd) {
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
-  const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-  uint32_t w[8];
+  for (int p = 0; p < 4; p++) amax = fmaxf(amax, piece_amax(v + 8 * p));
 #pragma unroll
-  for (int j = 0; j < 8; j++) {
-    uint32_t word = 0;
-#pragma unroll
-    for (int i = 0; i < 4; i++) word |= ((uint32_t)(int)rintf(v[4 * j + i] * id) & 0xFFu) << (8 * i);
-    w[j] = word;
-  }
-  uint4* o = reinterpret_cast<uint4*>(xq);
-  o[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  o[1] = make_uint4(w[4], w[5], w[6], w[7]);
-  *xd = d;
+  for (int p = 0; p < 4; p++) quant_piece(v + 8 * p, amax, xq + 8 * p);
+  *xd = amax / 127.0f;
 }
 
 // group g of the flattened (M, K) rows -> xq[32 g .. 32 g + 31], xd[g]
@@ -637,22 +642,8 @@ LEANK_HD void {name}(const void* xp, void* xqp, void* xdp, int n_groups, int g) 
 STEP = r"""
 namespace leank_q {{
 
-// The step kernels work in pieces of 8 consecutive activations, 4 lanes to a group of 32: a group's
-// absolute maximum is shared by shuffles (on the host, by a loop), then each piece is quantized as
-// quant_32 would quantize its group (the same scale amax / 127, the same codes).
-LEANK_HD float piece_amax(const float* v) {{
-  float a = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; i++) a = fmaxf(a, fabsf(v[i]));
-  return a;
-}}
-LEANK_HD void quant_piece(const float* v, float amax, int8_t* xq) {{
-  const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-  uint32_t w[2] = {{0u, 0u}};
-#pragma unroll
-  for (int i = 0; i < 8; i++) w[i >> 2] |= ((uint32_t)(int)rintf(v[i] * id) & 0xFFu) << (8 * (i & 3));
-  *reinterpret_cast<uint2*>(xq) = make_uint2(w[0], w[1]);
-}}
+// The step kernels work in pieces of 8 consecutive activations (`piece_amax`, `quant_piece`), 4 lanes to a
+// group of 32.
 // x * rstd * w, rounded to XT as torch stores the norm's output
 template <typename XT> LEANK_HD void norm_piece(const XT* x, const float* w, float rstd, float* v) {{
   x8(x, v);
@@ -760,42 +751,33 @@ __device__ __forceinline__ void {norm}(const void* xp, const void* wp, void* xqp
 """
 
 STEP_HOST = r"""
-namespace leank_q {{
-// a group of 4 pieces, quantized as the device's 4 lanes quantize it
-LEANK_HD void quant_group_pieces(float (*v)[8], int8_t* xq, float* xd) {{
-  float amax = 0.0f;
-  for (int p = 0; p < 4; p++) amax = fmaxf(amax, piece_amax(v[p]));
-  for (int p = 0; p < 4; p++) quant_piece(v[p], amax, xq + 8 * p);
-  *xd = amax / 127.0f;
-}}
-}}  // namespace leank_q
-
 // host twins of the step kernels (the norm's sum in piece order: the device's differs in its last bits)
 extern "C" void leank_host_rmsnorm_qx(const void* xp, const float* w, int8_t* xq, float* xd, int M, int K, float eps) {{
   using namespace leank_q;
   const {xt}* x = reinterpret_cast<const {xt}*>(xp);
   for (int t = 0; t < M; t++) {{
     const {xt}* xr = x + (size_t)t * K;
-    float ss = 0.0f, v[4][8];
+    float ss = 0.0f, v[32];
     for (int i = 0; i < K; i += 8) {{
-      x8(xr + i, v[0]);
-      for (int j = 0; j < 8; j++) ss = fmaf(v[0][j], v[0][j], ss);
+      x8(xr + i, v);
+      for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
     }}
     const float rstd = 1.0f / sqrtf(ss / (float)K + eps);
-    for (int g = 0; g < K / 32; g++) {{
-      for (int p = 0; p < 4; p++) norm_piece(xr + 32 * g + 8 * p, w + 32 * g + 8 * p, rstd, v[p]);
-      quant_group_pieces(v, xq + (size_t)t * K + 32 * g, xd + (size_t)t * (K / 32) + g);
+    for (int g = 0; g < K / 32; g++) {{  // a group as the device's 4 lanes take it, piece by piece
+      for (int p = 0; p < 4; p++) norm_piece(xr + 32 * g + 8 * p, w + 32 * g + 8 * p, rstd, v + 8 * p);
+      quant_32(v, xq + (size_t)t * K + 32 * g, xd + (size_t)t * (K / 32) + g);
     }}
   }}
 }}
 extern "C" void leank_host_silu_mul_qx(const void* gup, int8_t* xq, float* xd, int M, int F) {{
   using namespace leank_q;
   const {xt}* gu = reinterpret_cast<const {xt}*>(gup);
-  float v[4][8];
+  float v[32];
   for (int t = 0; t < M; t++)
     for (int g = 0; g < F / 32; g++) {{
-      for (int p = 0; p < 4; p++) silu_piece(gu + (size_t)t * 2 * F + 32 * g + 8 * p, gu + (size_t)t * 2 * F + F + 32 * g + 8 * p, v[p]);
-      quant_group_pieces(v, xq + (size_t)t * F + 32 * g, xd + (size_t)t * (F / 32) + g);
+      const {xt}* gate = gu + (size_t)t * 2 * F + 32 * g;
+      for (int p = 0; p < 4; p++) silu_piece(gate + 8 * p, gate + F + 8 * p, v + 8 * p);
+      quant_32(v, xq + (size_t)t * F + 32 * g, xd + (size_t)t * (F / 32) + g);
     }}
 }}
 extern "C" void leank_host_rope_qk(const void* qkv, const int64_t* pos, const float* cs, const float* sn, void* q, void* k,
